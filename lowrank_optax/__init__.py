@@ -1,0 +1,38 @@
+"""lowrank_optax: memory-efficient low-rank training as composable optax transforms.
+
+The library answers three questions per parameter leaf, each in its own
+module: which leaves / matrix / rank (:mod:`lowrank_optax.policy`), which
+basis and when (:mod:`lowrank_optax.projectors`), and what runs in the
+subspace and what happens to the rest (:mod:`lowrank_optax.subspace`,
+:mod:`lowrank_optax.residual`, :mod:`lowrank_optax.fisher`). Recipes in
+:mod:`lowrank_optax.recipes` are complete optimizers like ``optax.adamw``.
+"""
+
+from lowrank_optax.fisher import NaturalFisherState
+from lowrank_optax.fisher import scale_by_natural_fisher
+from lowrank_optax.fisher import woodbury_fisher_solve
+from lowrank_optax.memory import LeafMemory
+from lowrank_optax.memory import memory_report
+from lowrank_optax.memory import MemoryReport
+from lowrank_optax.policy import DEFAULT_EXCLUDE
+from lowrank_optax.policy import LeafPlan
+from lowrank_optax.policy import MatrixView
+from lowrank_optax.policy import plan_leaves
+from lowrank_optax.projectors import BasisState
+from lowrank_optax.projectors import Projector
+from lowrank_optax.projectors import TwoSidedBasisState
+from lowrank_optax.recipes import galore
+from lowrank_optax.residual import sgd_residual
+from lowrank_optax.residual import sign_residual
+from lowrank_optax.subspace import back_project
+from lowrank_optax.subspace import chain
+from lowrank_optax.subspace import galore_project
+from lowrank_optax.subspace import ProjectionConfig
+from lowrank_optax.subspace import ProjectionElement
+from lowrank_optax.subspace import subspace
+from lowrank_optax.subspace import SubspaceOnlyTransformation
+from lowrank_optax.subspace import SubspaceState
+from lowrank_optax.transforms import decay_updated_weights
+from lowrank_optax.transforms import scale_by_adam_hf
+
+__version__ = "0.1.0"

@@ -1,0 +1,363 @@
+"""Question 1 of the design: which leaves are projected, as which matrix, at which rank.
+
+A projected leaf is read as a matrix ``(reduction, output)`` with implicit batch
+axes, following the semantics of optax's ``MuonDimensionNumbers``: every axis
+that is neither a reduction nor an output axis is a batch axis, and each batch
+element is projected independently (scanned layers ``(L, d_in, d_out)``,
+experts ``(E, d, f)``, conv taps ``(H, W, C_in, C_out)``).
+
+Arrays are read in Flax layout: a 2-D kernel is ``(in, out)``, so the reduction
+axis is 0 and the output axis 1; for ``ndim > 2`` the default matrix is the
+last two axes. PyTorch stores the same linear map as ``W = K^T`` of shape
+``(out, in)``, which is the layout all reference code (and ALGORITHMS.md) uses;
+the side names ``left`` / ``right`` below keep the reference's meaning so a
+user's PyTorch setting means the same thing here:
+
+* ``right``: reduces the input (reduction) axis (PyTorch ``G @ B^T``).
+* ``left``: reduces the output axis (PyTorch ``A^T @ G``).
+* ``std``: reduces the smaller matrix dimension; on a tie the input axis
+  (what the reference does for a square ``nn.Linear``).
+* ``reverse_std``: the opposite of ``std`` (on a tie, the output axis).
+* ``full``: both axes (two-sided, ``R`` is ``r x r``).
+
+Everything here is static Python evaluated at ``init`` / trace time; no arrays
+are created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+
+__all__ = [
+    "MatrixView",
+    "LeafPlan",
+    "DEFAULT_EXCLUDE",
+    "PROJ_TYPES",
+    "plan_leaves",
+    "path_to_str",
+]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+#: Paths matching this (case-insensitive ``re.search``) pass through at full
+#: rank under the default policy: the reference scripts never project
+#: embeddings, the output head or normalisation weights.
+DEFAULT_EXCLUDE = r"embed|lm_head|unembed|wte|wpe|norm|ln_f|layernorm"
+
+
+class MatrixView(NamedTuple):
+  """Which axes of a leaf form the matrix (optax ``MuonDimensionNumbers`` semantics).
+
+  Attributes:
+    reduction_axis: input axis or axes (contracted with activations).
+    output_axis: output axis or axes.
+
+  Axes not named are batch axes, projected independently.
+
+  Example:
+    >>> import lowrank_optax as lro
+    >>> attention = lro.MatrixView(reduction_axis=0, output_axis=(1, 2))
+  """
+
+  reduction_axis: Union[int, Sequence[int]] = 0
+  output_axis: Union[int, Sequence[int]] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """Static description of how one projected leaf is viewed and reduced.
+
+  Attributes:
+    path: the leaf's path as a string (``a/b/c``).
+    shape: the leaf's shape.
+    batch_axes, reduction_axes, output_axes: a partition of ``range(ndim)``.
+    rank: the subspace dimension ``r``; ``0`` means "no subspace" (the whole
+      gradient is residual; only meaningful with a residual rule).
+    side: ``"reduction"``, ``"output"`` or ``"both"``: which matrix axis the
+      subspace lives on (``"both"`` is two-sided).
+    index: position among the projected leaves (used for staggering / seeds).
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  rank: int
+  side: str
+  index: int = 0
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def rows(self) -> int:
+    """Size of the matrix's reduction (input) dimension, ``M``."""
+    return math.prod(self.shape[a] for a in self.reduction_axes)
+
+  @property
+  def cols(self) -> int:
+    """Size of the matrix's output dimension, ``N``."""
+    return math.prod(self.shape[a] for a in self.output_axes)
+
+  @property
+  def needs_transpose(self) -> bool:
+    order = self.batch_axes + self.reduction_axes + self.output_axes
+    return order != tuple(range(len(self.shape)))
+
+  def to_matrix(self, x):
+    """``x`` (leaf shape) -> ``(*batch, M, N)``."""
+    order = self.batch_axes + self.reduction_axes + self.output_axes
+    if self.needs_transpose:
+      x = x.transpose(order)
+    return x.reshape(self.batch_shape + (self.rows, self.cols))
+
+  def from_matrix(self, x):
+    """``(*batch, M, N)`` -> leaf shape (inverse of :meth:`to_matrix`)."""
+    order = self.batch_axes + self.reduction_axes + self.output_axes
+    moved = tuple(self.shape[a] for a in order)
+    x = x.reshape(moved)
+    if self.needs_transpose:
+      x = x.transpose(tuple(sorted(range(len(order)), key=order.__getitem__)))
+    return x
+
+  @property
+  def lowrank_shape(self) -> tuple[int, ...]:
+    """Shape of the projected gradient ``R`` (batch axes leading)."""
+    r = self.rank
+    if self.side == "reduction":
+      return self.batch_shape + (r, self.cols)
+    if self.side == "output":
+      return self.batch_shape + (self.rows, r)
+    return self.batch_shape + (r, r)
+
+  @property
+  def channel_axis(self) -> int:
+    """Axis of ``R`` (and of the matrix view) that is *not* projected."""
+    return -1 if self.side == "reduction" else -2
+
+
+def path_to_str(path) -> str:
+  """Renders a ``jax.tree_util`` key path as ``a/b/c`` (drops a final ``.value``)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  if len(parts) > 1 and parts[-1] == "value":
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def _normalize_axes(axes, ndim: int, path: str, shape) -> tuple[int, ...]:
+  if isinstance(axes, numbers.Integral):
+    axes = (int(axes),)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"Leaf {path!r} of shape {tuple(shape)} has no axis {a}: the matrix"
+          " view asks for an axis that does not exist. Give a MatrixView whose"
+          " axes exist for this leaf (or route it to full rank with None).")
+    out.append(a % ndim)
+  return tuple(out)
+
+
+def _default_view(ndim: int) -> MatrixView:
+  if ndim == 2:
+    return MatrixView(0, 1)
+  return MatrixView(-2, -1)
+
+
+ViewSpec = Union[None, MatrixView, Mapping[str, Optional[MatrixView]],
+                 Callable[[str, Any], Optional[MatrixView]]]
+RankSpec = Union[int, float, Mapping[str, Any], Callable[[str, Any], Any]]
+
+
+def _as_view(v):
+  """Accepts lro.MatrixView and optax's Muon/GaLore dimension numbers."""
+  if v is None or isinstance(v, MatrixView):
+    return v
+  if hasattr(v, "reduction_axis") and hasattr(v, "output_axis"):
+    return MatrixView(v.reduction_axis, v.output_axis)
+  raise TypeError(f"Expected a MatrixView (or None), got {v!r}.")
+
+
+def _lookup_view(spec: ViewSpec, path: str, leaf, explicit: bool):
+  """Returns (view or None, whether the view was given explicitly)."""
+  if spec is None:
+    return (_default_view(leaf.ndim) if leaf.ndim >= 2 else None), False
+  if isinstance(spec, (MatrixView,)) or (
+      hasattr(spec, "reduction_axis") and not isinstance(spec, Mapping)):
+    return (_as_view(spec) if leaf.ndim >= 2 else None), False
+  if isinstance(spec, Mapping):
+    for pattern, view in spec.items():
+      if re.search(pattern, path, flags=re.IGNORECASE):
+        return _as_view(view), True
+    return (_default_view(leaf.ndim) if leaf.ndim >= 2 else None), False
+  if callable(spec):
+    return _as_view(spec(path, leaf)), True
+  raise TypeError(f"Unsupported dimension_numbers {spec!r}.")
+
+
+def _check_rank_value(rank, path: str, allow_zero: bool):
+  if rank is None:
+    return
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+    raise TypeError(f"Rank for {path!r} must be an int, a float fraction in"
+                    f" (0, 1], or None; got {rank!r}.")
+  if isinstance(rank, numbers.Integral):
+    if rank < 0 or (rank == 0 and not allow_zero):
+      raise ValueError(
+          f"Rank for {path!r} must be a positive int, got {rank}. (Rank 0, an"
+          " empty subspace, is accepted only together with a residual rule"
+          " such as lro.sign_residual(), where it means a state-free step on"
+          " the whole gradient.)")
+  else:
+    if not 0.0 < float(rank) <= 1.0:
+      raise ValueError(f"A fractional rank for {path!r} must lie in (0, 1],"
+                       f" got {rank}.")
+
+
+def _resolve_rank(rank, min_dim: int) -> int:
+  if isinstance(rank, numbers.Integral):
+    return int(rank)
+  # Fraction of the smaller matrix dimension; Python's round() (half to even),
+  # as FRUGAL's ``round(n * density)``.
+  return max(1, int(round(float(rank) * min_dim)))
+
+
+def _side(proj_type: str, rows: int, cols: int) -> str:
+  # rows = M = input (reduction) size = PyTorch n; cols = N = output = PyTorch m.
+  if proj_type == "std":      # PyTorch: m >= n -> right (reduce n = inputs)
+    return "reduction" if cols >= rows else "output"
+  if proj_type == "reverse_std":  # PyTorch: m >= n -> left (reduce m = outputs)
+    return "output" if cols >= rows else "reduction"
+  if proj_type == "right":
+    return "reduction"
+  if proj_type == "left":
+    return "output"
+  return "both"
+
+
+def check_proj_type(proj_type: str) -> None:
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(f"Unknown proj_type {proj_type!r}; expected one of"
+                     f" {PROJ_TYPES}.")
+
+
+def check_rank_spec(rank: RankSpec, allow_zero: bool = False) -> None:
+  """Validates a rank policy eagerly (at construction time) where possible."""
+  if isinstance(rank, Mapping):
+    for pattern, r in rank.items():
+      re.compile(pattern)
+      _check_rank_value(r, f"rule {pattern!r}", allow_zero)
+  elif callable(rank):
+    return
+  else:
+    _check_rank_value(rank, "all leaves", allow_zero)
+
+
+def plan_leaves(
+    params,
+    rank: RankSpec,
+    proj_type: str = "std",
+    dimension_numbers: ViewSpec = None,
+    exclude: Optional[str] = DEFAULT_EXCLUDE,
+    allow_zero_rank: bool = False,
+) -> list[Optional[LeafPlan]]:
+  """Resolves the policy into one :class:`LeafPlan` (or ``None``) per leaf.
+
+  Rules, per leaf (``path`` is the ``a/b/c`` string of its tree path):
+
+  * ``rank`` an int or a fraction: the leaf is projected if it has a matrix
+    view (``ndim >= 2``, or an explicit view), its path does not match
+    ``exclude``, and both matrix dimensions exceed the rank; otherwise it
+    passes through at full rank.
+  * ``rank`` a dict ``{regex: rank | None}``: the first pattern that matches
+    (``re.search``, case-insensitive) decides; ``None`` means full rank;
+    leaves matching no pattern pass through. Explicit ranks at least as large
+    as the smaller matrix dimension are clamped to it (what the reference's
+    slicing of the SVD does).
+  * ``rank`` a callable ``(path, leaf) -> rank | None``: as for a dict entry.
+
+  Args:
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct``.
+    rank: the rank policy.
+    proj_type: ``std | reverse_std | left | right | full``.
+    dimension_numbers: ``None`` (default views), one :class:`MatrixView` for
+      every leaf with ``ndim >= 2``, a dict ``{regex: MatrixView | None}``, or a
+      callable ``(path, leaf) -> MatrixView | None``.
+    exclude: regex of paths that pass through under int / fraction policies.
+    allow_zero_rank: accept rank 0 (only with a residual rule).
+
+  Returns:
+    A list with one entry per leaf in ``jax.tree.leaves`` order.
+  """
+  check_proj_type(proj_type)
+  leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  plans: list[Optional[LeafPlan]] = []
+  n_projected = 0
+  for key_path, leaf in leaves_with_path:
+    path = path_to_str(key_path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    ndim = len(shape)
+
+    explicit_rank = isinstance(rank, Mapping) or (
+        callable(rank) and not isinstance(rank, numbers.Real))
+    if isinstance(rank, Mapping):
+      leaf_rank = None
+      for pattern, r in rank.items():
+        if re.search(pattern, path, flags=re.IGNORECASE):
+          leaf_rank = r
+          break
+    elif explicit_rank:
+      leaf_rank = rank(path, leaf)
+    else:
+      leaf_rank = rank
+    _check_rank_value(leaf_rank, path, allow_zero_rank)
+
+    view, explicit_view = _lookup_view(dimension_numbers, path, leaf, False)
+    if leaf_rank is None or view is None or ndim < 2:
+      plans.append(None)
+      continue
+    if (not explicit_rank and not explicit_view and exclude
+        and re.search(exclude, path, flags=re.IGNORECASE)):
+      plans.append(None)
+      continue
+
+    red = _normalize_axes(view.reduction_axis, ndim, path, shape)
+    out = _normalize_axes(view.output_axis, ndim, path, shape)
+    if set(red) & set(out) or len(set(red)) != len(red) or len(set(out)) != len(out):
+      raise ValueError(f"Leaf {path!r} of shape {shape}: reduction axes {red}"
+                       f" and output axes {out} must be distinct.")
+    batch = tuple(a for a in range(ndim) if a not in red and a not in out)
+    rows = math.prod(shape[a] for a in red)
+    cols = math.prod(shape[a] for a in out)
+    side = _side(proj_type, rows, cols)
+    reduced = {"reduction": rows, "output": cols, "both": min(rows, cols)}[side]
+    r = _resolve_rank(leaf_rank, min(rows, cols))
+    if explicit_rank:
+      r = min(r, reduced)
+    elif r >= min(rows, cols):
+      plans.append(None)  # default policy: too small to be worth projecting
+      continue
+    plans.append(LeafPlan(path=path, shape=shape, batch_axes=batch,
+                          reduction_axes=red, output_axes=out, rank=r,
+                          side=side, index=n_projected))
+    n_projected += 1
+  return plans

@@ -1,0 +1,108 @@
+"""Complete optimizers with the reference settings, like ``optax.adamw``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import optax
+
+from lowrank_optax import policy as policy_lib
+from lowrank_optax import subspace as subspace_lib
+from lowrank_optax import transforms
+
+__all__ = ["galore"]
+
+
+def _maybe_weight_decay(learning_rate, weight_decay, mask):
+  """The post-update decay, omitted when it is statically zero."""
+  if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
+    return ()
+  return (transforms.decay_updated_weights(learning_rate, weight_decay, mask),)
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Any = 128,
+    *,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    projector: str = "svd",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    stagger: bool = False,
+    dimension_numbers: Any = None,
+    exclude: Optional[str] = policy_lib.DEFAULT_EXCLUDE,
+    seed: int = 0,
+    subspace_iters: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GaLore-AdamW, step for step as the official ``GaLoreAdamW``.
+
+  For a projected matrix with gradient ``G_t`` (``t`` 1-based) and basis
+  ``Q`` refreshed from ``G`` at 0-based steps ``0, T, 2T, ...``:
+
+  .. math::
+    R_t &= \mathrm{down}(G_t),\quad
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) R_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) R_t^2, \\
+    W_{t+1}' &= W_t - \eta_t \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+      \alpha\,\mathrm{up}\!\left(\frac{m_t}{\sqrt{v_t}+\epsilon}\right),\qquad
+    W_{t+1} = W_{t+1}' - \eta_t \lambda W_{t+1}'.
+
+  Moments and the step counter are kept across refreshes. Leaves that are not
+  projected (embeddings, ``lm_head``, norms, 1-D, and matrices no larger than
+  the rank under the default policy) take the same HF-style AdamW step with
+  the unscaled learning rate.
+
+  Args:
+    learning_rate: ``eta``, a float or an optax schedule.
+    rank: rank policy (int, fraction, dict of path regexes, or callable;
+      see :func:`~lowrank_optax.galore_project`). Shape-defining: under
+      ``optax.inject_hyperparams`` pass it in ``static_args``.
+    update_proj_gap: ``T``.
+    scale: ``alpha`` (0.25 in the reference pre-training scripts).
+    proj_type: ``std | reverse_std | left | right | full``.
+    projector: ``svd`` (reference), ``eigh``, ``randomized``,
+      ``subspace_iteration``.
+    b1, b2, eps: Adam, HF convention (reference: 0.9, 0.999, 1e-6).
+    weight_decay: ``lambda``, decoupled, applied to the updated weights.
+    weight_decay_mask: optional mask for the decay.
+    stagger: spread refreshes of the leaves over the period.
+    dimension_numbers: matrix views (see :func:`~lowrank_optax.galore_project`).
+    exclude: regex of paths kept at full rank by int / fraction policies.
+    seed: seed of randomized projectors.
+    subspace_iters: iterations per refresh of ``subspace_iteration``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, lowrank_optax as lro
+    >>> params = {"attn": jnp.ones((64, 64)), "norm": jnp.ones(64)}
+    >>> tx = lro.galore(learning_rate=1e-2, rank=8, update_proj_gap=200)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024; official code
+    https://github.com/jiaweizzhao/GaLore (``galore_torch/adamw.py``,
+    ``galore_torch/galore_projector.py``; PyPI ``galore-torch==1.0``).
+  """
+  return subspace_lib.chain(
+      subspace_lib.galore_project(
+          rank, update_proj_gap=update_proj_gap, scale=scale,
+          proj_type=proj_type, projector=projector, stagger=stagger,
+          dimension_numbers=dimension_numbers, exclude=exclude, seed=seed,
+          subspace_iters=subspace_iters),
+      transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps),
+      subspace_lib.back_project(),
+      optax.scale_by_learning_rate(learning_rate),
+      *_maybe_weight_decay(learning_rate, weight_decay, weight_decay_mask),
+  )
