@@ -1,4 +1,4 @@
-"""Fisher preconditioning of the low-rank gradient (Natural GaLore).
+r"""Fisher preconditioning of the low-rank gradient (Natural GaLore).
 
 The transform keeps a window of the last ``s`` gradients ``G_h`` (per matrix,
 ``k`` = number of entries of the matrix) and returns the damped
@@ -113,8 +113,9 @@ def scale_by_natural_fisher(
     (``_natural_gradient_transform``).
   """
   if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-    raise ValueError(f"history must be a positive int, got {history!r}.")
-  if not damping > 0:
+    raise ValueError(f"history must be a positive int (it sets the window's"
+                     f" shape), got {history!r}.")
+  if isinstance(damping, (int, float)) and not damping > 0:
     raise ValueError(f"damping must be > 0, got {damping!r}.")
 
   def init_fn(params):

@@ -158,11 +158,11 @@ def randomized_basis(a: jax.Array, rank: int, key: jax.Array,
 def subspace_iteration_basis(a: jax.Array, start: jax.Array,
                              iters: int = 1) -> jax.Array:
   """``iters`` steps of ``Q <- orth(a orth(a^T Q))`` from ``start`` (``(*b, d, r)``)."""
-  q = start
-  for _ in range(iters):
+  def step(_, q):
     z = orthonormalize(jnp.einsum("...dn,...dr->...nr", a, q, precision=_HI))
-    q = orthonormalize(jnp.einsum("...dn,...nr->...dr", a, z, precision=_HI))
-  return q
+    return orthonormalize(jnp.einsum("...dn,...nr->...dr", a, z, precision=_HI))
+  # fori_loop: ``iters`` may be a traced value (optax.inject_hyperparams).
+  return jax.lax.fori_loop(0, iters, step, start)
 
 
 BASIS_METHODS = ("svd", "eigh", "randomized", "subspace_iteration")
@@ -195,7 +195,8 @@ class Projector:
       raise ValueError(f"Unknown projector {self.method!r}; expected one of"
                        f" {BASIS_METHODS}.")
     for name in ("iters", "init_iters"):
-      if int(getattr(self, name)) < 1:
+      value = getattr(self, name)
+      if isinstance(value, int) and value < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
   # -- state ----------------------------------------------------------------

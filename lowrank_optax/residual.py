@@ -65,7 +65,7 @@ class ResidualRule:
     else:
       e = g - project_back().astype(g.dtype)
     term = jnp.sign(e) if self.kind == "sign" else e
-    if self.scale != 1.0:
+    if not (isinstance(self.scale, (int, float)) and self.scale == 1.0):
       term = self.scale * term
     term = term.astype(g.dtype)
     return (term if update is None else update + term), state

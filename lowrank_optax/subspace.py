@@ -28,6 +28,7 @@ decay, which needs params).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -308,7 +309,7 @@ def subspace(
       r = config.projector.down(plan, gm, pstate)
       n, istate = inner.update(r, istate, None, **extra_args)
       upd = config.projector.up(plan, n, pstate)
-      if config.scale != 1.0:
+      if not (isinstance(config.scale, numbers.Real) and config.scale == 1.0):
         upd = config.scale * upd
       upd, rstate = residual.apply(
           plan, gm, lambda: config.projector.up(plan, r, pstate), upd, rstate)
@@ -400,8 +401,11 @@ def galore_project(
   """
   policy_lib.check_rank_spec(rank, allow_zero=True)
   policy_lib.check_proj_type(proj_type)
-  if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) \
-      or update_proj_gap < 1:
+  # Numeric arguments may arrive as (traced) arrays under
+  # optax.inject_hyperparams; Python values are validated here.
+  if isinstance(update_proj_gap, bool) or (
+      isinstance(update_proj_gap, numbers.Number)
+      and (update_proj_gap != int(update_proj_gap) or update_proj_gap < 1)):
     raise ValueError(f"update_proj_gap must be a positive int, got"
                      f" {update_proj_gap!r}.")
   if on_refresh not in ON_REFRESH:
