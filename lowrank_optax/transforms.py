@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -18,6 +20,12 @@ from optax._src import numerics
 
 __all__ = ["scale_by_adam_hf", "decay_updated_weights", "ScaleByAdamHFState",
            "DecayUpdatedWeightsState"]
+
+
+def _log(b):
+  if isinstance(b, (int, float)):
+    return jnp.float32(math.log(b))
+  return jnp.log(jnp.asarray(b, jnp.float32))
 
 
 class ScaleByAdamHFState(NamedTuple):
@@ -82,8 +90,14 @@ def scale_by_adam_hf(
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = numerics.safe_int32_increment(state.count)
     if correct_bias:
+      # 1 - b^t as -expm1(t log b): no cancellation for small t in float32
+      # (the reference computes it in float64).
+      # log(b) in float64 when b is a Python float: 0.999 rounded to float32
+      # alone moves 1 - b by 1.3e-5 relative.
       t = count.astype(jnp.float32)
-      step = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+      bc1 = -jnp.expm1(t * _log(b1))
+      bc2 = -jnp.expm1(t * _log(b2))
+      step = jnp.sqrt(bc2) / bc1
     else:
       step = 1.0
     new = jax.tree.map(

@@ -111,7 +111,8 @@ TORCH_SHAPES = {
 GALORE_KEYS = ("square", "tall", "wide")
 
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
-UPDATE_RTOL = 3e-5      # relative to max |ΔW| of the leaf at that step (see docstring)
+UPDATE_RTOL = 2e-6      # ours vs torch, relative to max |ΔW| of the leaf at that step (see docstring)
+HARNESS_RTOL = 3e-5     # torch (float32) vs the float64 one-step reference
 BASIS_ATOL = 1e-4       # our SVD vs torch's SVD, after sign alignment
 
 
@@ -483,7 +484,7 @@ def _run_parity(*, schedule, wd, grad_scale, seed, variant="lro.galore",
       rel = (np.max(np.abs(d_torch - d_ref) - 2 * np.spacing(np.abs(w_torch[n])))
              / np.max(np.abs(d_ref)))
       stats["torch_vs_ref"] = max(stats.get("torch_vs_ref", 0.0), float(rel))
-      assert rel < UPDATE_RTOL, f"harness: torch vs float64 ref, step {k} {n}: {rel:.3g}"
+      assert rel < HARNESS_RTOL, f"harness: torch vs float64 ref, step {k} {n}: {rel:.3g}"
       ref_w[n] = w_torch[n].astype(np.float64)  # re-sync: one-step reference
     params = new_params
   return problems
