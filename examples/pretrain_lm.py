@@ -218,6 +218,7 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
   tokens_per_step = c.batch_size * c.seq_len
   train_curve: list[float] = []
   eval_curve: list[tuple[int, float]] = [(0, evaluate(state))]
+  eval_time: list[float] = [0.0]    # accumulated training time (timer) at each evaluation
   pending: list[jax.Array] = []
   timer = _Timer()
   bar = _progress(c)
@@ -238,6 +239,7 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
         raise FloatingPointError(f'non-finite training loss {train_curve[-1]} at step {step}')
       if step % c.eval_every == 0 or step == c.steps:
         timer.pause()
+        eval_time.append(timer.elapsed())
         eval_curve.append((step, evaluate(state)))
         timer.start()
       if bar is not None:
@@ -276,6 +278,7 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
           'train_loss': train_curve,
           'eval_step': [s for s, _ in eval_curve],
           'eval_loss': [l for _, l in eval_curve],
+          'eval_time_s': eval_time,      # train_time_s so far at each evaluation
           'lr': np.asarray(schedule(jnp.arange(c.steps))).tolist(),
       },
       'environment': {'jax': jax.__version__, 'optax': optax.__version__,

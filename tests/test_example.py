@@ -24,6 +24,9 @@ def _check_outputs(record, out, optimizer):
   assert record['config']['optimizer'] == optimizer
   assert all(math.isfinite(x) for x in record['curves']['train_loss'])
   assert all(math.isfinite(x) for x in record['curves']['eval_loss'])
+  et = record['curves']['eval_time_s']
+  assert len(et) == len(record['curves']['eval_step']) and et[0] == 0.0 and all(
+      a <= b for a, b in zip(et, et[1:])), et
   for key in ('train_loss', 'held_out_loss', 'tokens_per_s', 'wall_time_s'):
     assert math.isfinite(m[key]) and m[key] > 0, key
   assert m['state_bytes'] > 0 and m['adam_state_bytes'] > 0
