@@ -12,8 +12,8 @@ writes its ``run.json`` and ``loss.png`` to ``<out>/<method>_s<seed>``.
 Methods: ``lro.galore(projector=p)`` for each ``--projectors`` entry (``svd`` is
 the exact reference; ``eigh``, ``randomized``, ``subspace_iteration`` are the
 fast ones) and, with ``--with-adamw`` (default), ``optax.adamw`` as a reference
-line. ``stagger=True`` variants are not compared: ``pretrain_lm.TrainConfig``
-has no stagger option.
+line. A ``+stagger`` suffix (``subspace_iteration+stagger``) runs the projector
+with ``stagger=True`` (each leaf refreshes at its own step of the period).
 
 Tables:
   equal steps      final held-out loss (mean ± std over seeds) and its ratio to
@@ -133,7 +133,7 @@ def at_time(r: dict, t: float) -> tuple[float, float]:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--projectors", default=",".join(["svd", "eigh", "randomized", "subspace_iteration"]),
+  ap.add_argument("--projectors", default=",".join(["svd", "eigh", "randomized", "subspace_iteration", "subspace_iteration+stagger"]),
                   help="comma list of lro.galore projectors (svd is the reference)")
   ap.add_argument("--with-adamw", action=argparse.BooleanOptionalAction, default=True,
                   help="also run optax.adamw as a reference line")
@@ -169,17 +169,18 @@ def main(argv=None):
   avail = common.supported_projectors(lro)
   projectors = [p.strip() for p in args.projectors.split(",") if p.strip()]
   for p in projectors:
-    if p not in common.LRO_PROJECTORS:
+    if p.partition("+")[0] not in common.LRO_PROJECTORS or p.partition("+")[2] not in ("", "stagger"):
       ap.error(f"unknown projector {p!r}; choose from {', '.join(common.LRO_PROJECTORS)}")
   methods: list[tuple[str, str, dict]] = []  # (name, label, TrainConfig overrides)
   for p in projectors:
-    if p not in avail:
+    proj, _, flag = p.partition("+")
+    if proj not in avail:
       print(f"[quality] skipping projector {p!r}: not available", file=sys.stderr)
       continue
-    ov = {"optimizer": "galore", "projector": p}
+    ov = {"optimizer": "galore", "projector": proj, "stagger": flag == "stagger"}
     if args.lr is not None:
       ov["lr"] = args.lr
-    methods.append((p, f"lro.galore[{p}]", ov))
+    methods.append((p, f"lro.galore[{proj}{', stagger' if flag else ''}]", ov))
   if args.with_adamw:
     ov = {"optimizer": "adamw"}
     if args.adamw_lr is not None:

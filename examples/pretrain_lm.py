@@ -69,6 +69,7 @@ class TrainConfig:
   update_proj_gap: int = 50
   galore_scale: float = 0.25
   projector: str = 'svd'
+  stagger: bool = False             # spread the leaves' refreshes over the period
   # Model.
   dim: int = 128
   n_layers: int = 4
@@ -127,7 +128,7 @@ def _adamw(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformat
 
 def _galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
   return lro.galore(learning_rate, rank=c.rank, update_proj_gap=c.update_proj_gap,
-                    scale=c.galore_scale, projector=c.projector,
+                    scale=c.galore_scale, projector=c.projector, stagger=c.stagger,
                     weight_decay=c.weight_decay, seed=c.seed)
 
 
@@ -369,7 +370,7 @@ def summary(record: dict[str, Any]) -> str:
   lines = [
       f"optimizer        {c['optimizer']}  (peak lr {c['lr']:g}"
       + (f", rank {c['rank']}, update_proj_gap {c['update_proj_gap']}, scale {c['galore_scale']:g}, "
-         f"projector {c['projector']}" if c['optimizer'] != 'adamw' else '') + ')',
+         f"projector {c['projector']}" + (', staggered' if c.get('stagger') else '') if c['optimizer'] != 'adamw' else '') + ')',
       f"model            {m['n_params']:,} params  (dim {c['dim']}, {c['n_layers']} layers, "
       f"{c['n_heads']} heads, ffn {c['ffn_dim']})",
       f"data             {c['steps']} steps x {c['batch_size']} x {c['seq_len']} bytes "
@@ -413,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
   p.add_argument('--galore-scale', type=float, default=d.galore_scale)
   p.add_argument('--projector', default=d.projector,
                  help="svd | subspace_iteration | eigh | randomized")
+  p.add_argument('--stagger', action='store_true',
+                 help='spread the projected leaves\' refreshes evenly over the period')
   p.add_argument('--dim', type=int, default=d.dim)
   p.add_argument('--n-layers', type=int, default=d.n_layers)
   p.add_argument('--n-heads', type=int, default=d.n_heads)
