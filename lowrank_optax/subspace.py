@@ -140,6 +140,25 @@ def _sharding_of(x):
   return s if isinstance(s, jax.sharding.NamedSharding) else None
 
 
+def _on_params_mesh(state, params):
+  """Places the state's unsharded leaves (counters) replicated on the params' mesh.
+
+  Without it, scalar counters created by ``jnp.zeros`` are uncommitted
+  single-device arrays while the rest of the state lives on the mesh, so the
+  state's shardings change after the first jitted update and ``jax.jit(...,
+  out_shardings=<init shardings>)`` fails.
+  """
+  shardings = [s for s in map(_sharding_of, jax.tree.leaves(params))
+               if s is not None]
+  if not shardings:
+    return state
+  replicated = jax.sharding.NamedSharding(shardings[0].mesh,
+                                          jax.sharding.PartitionSpec())
+  return jax.tree.map(
+      lambda x: x if _sharding_of(x) is not None
+      else jax.device_put(x, replicated), state)
+
+
 def _spec_entry(spec, axes):
   """Mesh axes for a merged group of array axes (first axis's, if alone)."""
   entries = [spec[a] for a in axes]
@@ -254,10 +273,11 @@ def subspace(
       inner_states.append(inner.init(proxy))
       proj_states.append(config.projector.init(plan, leaf.dtype,
                                                basis_shardings))
-    return SubspaceState(count=jnp.zeros([], jnp.int32),
-                         projector=tuple(proj_states),
-                         inner=tuple(inner_states),
-                         residual=tuple(res_states))
+    return _on_params_mesh(
+        SubspaceState(count=jnp.zeros([], jnp.int32),
+                      projector=tuple(proj_states),
+                      inner=tuple(inner_states),
+                      residual=tuple(res_states)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transforms get params=None (shapes differ)
@@ -483,4 +503,8 @@ def chain(*elements) -> optax.GradientTransformationExtraArgs:
   full = optax.chain(*full_elems) if full_elems else optax.identity()
   rule = elements[c].rule if close_idx else None
   wrapped = subspace(inner, elements[p].config, rule, full)
-  return optax.chain(*elements[:p], wrapped, *elements[c + 1:])
+  chained = optax.chain(*elements[:p], wrapped, *elements[c + 1:])
+  # The counters of the full-space elements (pre / post) go on the mesh too.
+  return optax.GradientTransformationExtraArgs(
+      lambda params: _on_params_mesh(chained.init(params), params),
+      chained.update)

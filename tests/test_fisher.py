@@ -1,0 +1,271 @@
+"""Natural GaLore's Fisher transform: ALGORITHMS.md 2 (N1-N3) in float64.
+
+``lro.woodbury_fisher_solve`` computes ``(lambda I + G_h G_h^T)^{-1} g`` by the
+Woodbury identity, in float32 (documented). Its float32 error grows with the
+cancellation between ``g / lambda`` and the in-span correction, i.e. with
+``||G_h||_2^2 / lambda``; tolerances below are either "well conditioned"
+(``||G_h||^2 / lambda`` of order 10-100) or an explicit bound
+``C * eps_32 * (1 + ||G_h||_2^2 / lambda)``, never tuned to the output.
+References solve the ``k x k`` system directly in NumPy float64.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lowrank_optax as lro
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def fisher_solve_ref(window, g, lam):
+  """float64 ``solve(lam I + sum_h h h^T, g)`` over the rows of ``window``."""
+  window = np.asarray(window, np.float64).reshape(-1, np.size(g))
+  g = np.asarray(g, np.float64).reshape(-1)
+  k = g.size
+  return np.linalg.solve(lam * np.eye(k) + window.T @ window, g)
+
+
+def rel_err(x, ref):
+  x = np.asarray(x, np.float64).reshape(ref.shape)
+  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+# ---------------------------------------------------------------------------
+# N1: the Woodbury solve
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam,scale,in_span", [
+    (1.0, 0.5, True),      # well conditioned, g one of the window's rows
+    (1.0, 0.5, False),     # well conditioned, g a fresh vector
+    (1e-3, 0.02, True),    # reference damping, small (realistic) gradients
+    (1e-3, 1.0, True),     # reference damping, ||G_h||^2 / lambda ~ 1e5
+])
+def test_n1_woodbury_equals_direct_solve(lam, scale, in_span):
+  rng = np.random.default_rng(0)
+  s, k = 6, 40
+  h = scale * rng.standard_normal((s, k))
+  h[0] = 0.0  # an unfilled slot of the ring buffer: must not matter
+  g = h[-1].copy() if in_span else scale * rng.standard_normal(k)
+  out = lro.woodbury_fisher_solve(jnp.asarray(h, jnp.float32),
+                                  jnp.asarray(g, jnp.float32), lam)
+  assert out.shape == (k,) and out.dtype == jnp.float32
+  ref = fisher_solve_ref(h, g, lam)
+  cond = 1.0 + np.linalg.norm(h, 2) ** 2 / lam
+  tol = 1e-4 if cond < 1e3 else 2 * F32_EPS * cond
+  assert rel_err(out, ref) < tol, (rel_err(out, ref), tol)
+  # The zero row changes nothing: same as the window without it.
+  out_short = lro.woodbury_fisher_solve(jnp.asarray(h[1:], jnp.float32),
+                                        jnp.asarray(g, jnp.float32), lam)
+  assert rel_err(out_short, ref) < tol
+
+
+def test_n1_batched_matrices_are_independent():
+  """history (*b, s, k), g (*b, k): each batch element solves its own system."""
+  rng = np.random.default_rng(1)
+  b, s, k, lam = (2, 3), 4, 12, 0.5
+  h = 0.5 * rng.standard_normal(b + (s, k))
+  g = 0.5 * rng.standard_normal(b + (k,))
+  out = np.asarray(lro.woodbury_fisher_solve(jnp.asarray(h, jnp.float32),
+                                             jnp.asarray(g, jnp.float32), lam))
+  assert out.shape == b + (k,)
+  for i in range(b[0]):
+    for j in range(b[1]):
+      ref = fisher_solve_ref(h[i, j], g[i, j], lam)
+      assert rel_err(out[i, j], ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# N2, N3 and the ring buffer, through the transform
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam,scale", [(0.5, 1.0), (1e-3, 0.01)])
+def test_n2_first_step_is_g_over_lambda_plus_norm_squared(lam, scale):
+  """N2: history = {g}: g~ = g / (lambda + ||g||^2), per matrix (batch too)."""
+  rng = np.random.default_rng(2)
+  g = {"mat": scale * rng.standard_normal((4, 5)),
+       "stack": scale * rng.standard_normal((3, 4, 5)),
+       "vec": scale * rng.standard_normal((7,))}
+  tx = lro.scale_by_natural_fisher(history=5, damping=lam)
+  gj = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+  out, state = tx.update(gj, tx.init(gj))
+  assert state.history["mat"].shape == (5, 20)
+  assert state.history["stack"].shape == (3, 5, 20)
+  assert state.history["vec"].shape == (5, 7)
+  np.testing.assert_allclose(out["mat"], g["mat"] / (lam + np.sum(g["mat"]**2)),
+                             rtol=1e-5)
+  norms = np.sum(g["stack"]**2, axis=(1, 2), keepdims=True)  # per layer
+  np.testing.assert_allclose(out["stack"], g["stack"] / (lam + norms),
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["vec"], g["vec"] / (lam + np.sum(g["vec"]**2)),
+                             rtol=1e-5)
+
+
+def test_n3_orthogonal_to_history_is_g_over_lambda_plus_norm_squared():
+  """N3: g orthogonal to every other window vector: g~ = g / (lambda + ||g||^2).
+
+  The other window vectors are large and mutually non-orthogonal, so a window
+  without the current g (g / lambda), a 1/s average, or a wrong slot would all
+  give a different answer.
+  """
+  rng = np.random.default_rng(3)
+  lam, s, shape = 1.0, 4, (5, 6)
+  others = 2.0 * rng.standard_normal((s - 1, 30))
+  others[1] += others[0]
+  g = rng.standard_normal(30)
+  qo, _ = np.linalg.qr(others.T)
+  g = g - qo @ (qo.T @ g)
+  assert np.abs(others @ g).max() < 1e-12
+  tx = lro.scale_by_natural_fisher(history=s, damping=lam)
+  state = tx.init({"w": jnp.zeros(shape)})
+  for h in others:
+    _, state = tx.update({"w": jnp.asarray(h.reshape(shape), jnp.float32)},
+                         state)
+  out, state = tx.update({"w": jnp.asarray(g.reshape(shape), jnp.float32)},
+                         state)
+  expected = g / (lam + g @ g)
+  cond = 1.0 + np.linalg.norm(others, 2) ** 2 / lam
+  assert rel_err(out["w"], expected) < 2 * F32_EPS * cond + 1e-6
+  # Not the answer without the others' damping-free part: the test is sharp.
+  assert rel_err(expected, g / lam) > 0.5
+  assert rel_err(expected, g / (lam + g @ g / s)) > 0.1
+
+
+def test_ring_buffer_holds_exactly_the_last_s_gradients():
+  """s = 3 over 7 steps: the window is a FIFO of the last 3 gradients."""
+  s, steps, lam = 3, 7, 1.0
+  shapes = {"m": (4, 5), "v": (6,)}
+  rng = np.random.default_rng(4)
+  grads = [{k: 0.5 * rng.standard_normal(sh) for k, sh in shapes.items()}
+           for _ in range(steps)]
+  tx = lro.scale_by_natural_fisher(history=s, damping=lam)
+  state = tx.init({k: jnp.zeros(sh) for k, sh in shapes.items()})
+  update = jax.jit(tx.update)
+  fifo = {k: [] for k in shapes}
+  for t, g in enumerate(grads):
+    out, state = update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g),
+                        state)
+    assert int(state.count) == t + 1
+    for k in shapes:
+      fifo[k] = (fifo[k] + [g[k].reshape(-1)])[-s:]
+      window = np.asarray(state.history[k], np.float64)
+      assert window.shape == (s, g[k].size)
+      # Exactly the last min(t+1, s) gradients (as a multiset), zeros elsewhere.
+      want = sorted(map(tuple, np.asarray(fifo[k], np.float32)))
+      rows = [tuple(r) for r in window.astype(np.float32) if np.any(r != 0)]
+      assert sorted(rows) == want, (k, t)
+      assert np.sum(np.all(window == 0, axis=1)) == s - len(fifo[k])
+      ref = fisher_solve_ref(np.asarray(fifo[k]), g[k], lam)
+      assert rel_err(out[k], ref) < 1e-4, (k, t)
+  assert update._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------
+# Inside lro.chain: projected leaves only
+# ---------------------------------------------------------------------------
+
+HF_B1, HF_B2, HF_EPS = 0.9, 0.999, 1e-6
+
+
+def _orthonormal(rng, d, r):
+  q, _ = np.linalg.qr(rng.standard_normal((d, r)))
+  return q
+
+
+def test_chain_applies_fisher_to_projected_leaves_only():
+  """Natural GaLore: project (two-sided) -> Fisher -> HF Adam -> back -> lr.
+
+  The projected leaf matches a float64 reference; the 1-D leaf and the
+  ``norm`` matrix get plain HF Adam and keep no Fisher window. Generic
+  (injected) bases are used until the refresh: with the SVD's own bases
+  ``R = U^T G V`` is diagonal, its off-diagonal entries are float32 noise, and
+  a first Adam step (``~ sign``) would amplify that noise into the update.
+  The refresh at count ``gap`` then switches to the SVD bases, and the window
+  (never cleared at a refresh, ALGORITHMS.md 2) keeps the old-basis vectors.
+  """
+  r, gap, lr, steps, s = 4, 4, 0.01, 5, 20
+  lam = 1e-3  # the reference's hard-coded damping (the default)
+  shapes = {"bias": (20,), "layer_norm": (8, 8), "w": (12, 20)}
+  tx = lro.chain(lro.galore_project(r, proj_type="full", update_proj_gap=gap),
+                 lro.scale_by_natural_fisher(), lro.scale_by_adam_hf(),
+                 lro.back_project(), optax.scale_by_learning_rate(lr))
+  rng = np.random.default_rng(5)
+  # Realistically small gradients keep ||G_h||^2 / lambda moderate (float32).
+  grads = [{k: jnp.asarray(0.01 * rng.standard_normal(sh), jnp.float32)
+            for k, sh in shapes.items()} for _ in range(steps)]
+  state = tx.init(grads[0])
+  sub = state[0]
+  fisher_state, _ = sub.inner[2]
+  assert isinstance(fisher_state, lro.NaturalFisherState)
+  assert fisher_state.history.shape == (s, r * r)
+  is_fisher = lambda x: isinstance(x, lro.NaturalFisherState)
+  for i in (0, 1):  # pass-through leaves: HF Adam only, no Fisher window
+    assert len(sub.inner[i]) == 1
+    assert not any(map(is_fisher, jax.tree.leaves(sub.inner[i],
+                                                  is_leaf=is_fisher)))
+  # Inject generic bases and start at count 1 (no refresh until count gap).
+  qm0, qn0 = _orthonormal(rng, 12, r), _orthonormal(rng, 20, r)
+  proj = list(sub.projector)
+  proj[2] = lro.TwoSidedBasisState(jnp.asarray(qm0, jnp.float32),
+                                   jnp.asarray(qn0, jnp.float32))
+  state = (sub._replace(count=jnp.ones([], jnp.int32), projector=tuple(proj)),
+           ) + tuple(state[1:])
+  hf = optax.chain(lro.scale_by_adam_hf(), optax.scale_by_learning_rate(lr))
+  hf_state = hf.init({k: grads[0][k] for k in ("bias", "layer_norm")})
+  step = jax.jit(tx.update)
+  window, m, v = [], 0.0, 0.0
+  for t, g in enumerate(grads):
+    count = t + 1
+    u, state = step(g, state)
+    sub = state[0]
+    hu, hf_state = hf.update({k: g[k] for k in ("bias", "layer_norm")},
+                             hf_state)
+    for k in ("bias", "layer_norm"):
+      np.testing.assert_allclose(u[k], hu[k], rtol=1e-5, atol=1e-9, err_msg=k)
+    qm = np.asarray(sub.projector[2].row_basis, np.float64)
+    qn = np.asarray(sub.projector[2].col_basis, np.float64)
+    gw = np.asarray(g["w"], np.float64)
+    if count < gap:
+      np.testing.assert_allclose(qm, np.float32(qm0), rtol=0, atol=0)
+    else:  # refreshed at count == gap: the top-r singular subspaces of G
+      uu, _, vh = np.linalg.svd(np.asarray(grads[gap - 1]["w"], np.float64))
+      np.testing.assert_allclose(qm @ qm.T, uu[:, :r] @ uu[:, :r].T, atol=1e-4)
+      np.testing.assert_allclose(qn @ qn.T, vh[:r].T @ vh[:r], atol=1e-4)
+    rmat = qm.T @ gw @ qn
+    window = (window + [rmat.reshape(-1)])[-s:]
+    nat = fisher_solve_ref(np.asarray(window), rmat, lam).reshape(r, r)
+    m = HF_B1 * m + (1 - HF_B1) * nat
+    v = HF_B2 * v + (1 - HF_B2) * nat**2
+    n = np.sqrt(1 - HF_B2**(t + 1)) / (1 - HF_B1**(t + 1)) * m / (
+        np.sqrt(v) + HF_EPS)
+    np.testing.assert_allclose(u["w"], -lr * qm @ n @ qn.T, rtol=2e-4,
+                               atol=1e-4 * lr, err_msg=f"step {t}")
+    # The window holds exactly the low-rank gradients seen so far, old
+    # bases included (not cleared at the refresh).
+    hist = np.asarray(sub.inner[2][0].history, np.float64)
+    filled = hist[np.any(hist != 0, axis=1)]
+    assert len(filled) == t + 1
+    for w in window:
+      assert np.abs(filled - w).max(axis=1).min() < 1e-5 * np.abs(w).max()
+  assert step._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history", [0, -1, 2.5, True, "3"])
+def test_bad_history_raises(history):
+  with pytest.raises(ValueError, match="history"):
+    lro.scale_by_natural_fisher(history=history)
+
+
+@pytest.mark.parametrize("damping", [0, 0.0, -1e-3])
+def test_bad_damping_raises(damping):
+  with pytest.raises(ValueError, match="damping"):
+    lro.scale_by_natural_fisher(damping=damping)
