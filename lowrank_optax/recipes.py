@@ -39,6 +39,8 @@ def galore(
     exclude: Optional[str] = policy_lib.DEFAULT_EXCLUDE,
     seed: int = 0,
     subspace_iters: int = 1,
+    subspace_init_iters: int = 4,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step as the official ``GaLoreAdamW``.
 
@@ -76,6 +78,9 @@ def galore(
     exclude: regex of paths kept at full rank by int / fraction policies.
     seed: seed of randomized projectors.
     subspace_iters: iterations per refresh of ``subspace_iteration``.
+    subspace_init_iters: iterations of its first (cold) refresh.
+    on_refresh: ``keep`` the Adam moments and counter at a refresh (the
+      reference) or ``reset`` them.
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -100,7 +105,8 @@ def galore(
           rank, update_proj_gap=update_proj_gap, scale=scale,
           proj_type=proj_type, projector=projector, stagger=stagger,
           dimension_numbers=dimension_numbers, exclude=exclude, seed=seed,
-          subspace_iters=subspace_iters),
+          subspace_iters=subspace_iters,
+          subspace_init_iters=subspace_init_iters, on_refresh=on_refresh),
       transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps),
       subspace_lib.back_project(),
       optax.scale_by_learning_rate(learning_rate),
