@@ -251,12 +251,16 @@ class Projector:
       computed basis is not orthonormal.
     """
     a = g.astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(a))
-    a = jnp.where(finite, a, 0.0)  # keep NaNs out of the decomposition
+    # A cond, not a where: no masked full-size copy of the gradient, and no
+    # NaN ever reaches the decomposition.
+    return jax.lax.cond(jnp.all(jnp.isfinite(a)),
+                        lambda: self._refresh_finite(plan, a, state, first, key),
+                        lambda: state)
 
+  def _refresh_finite(self, plan: LeafPlan, a, state, first, key):
+    """:meth:`refresh` for a finite float32 gradient matrix ``a``."""
     def keep_if_bad(new, old):
-      ok = finite & _is_orthonormal(new)
-      return jnp.where(ok, new.astype(old.dtype), old)
+      return jnp.where(_is_orthonormal(new), new.astype(old.dtype), old)
 
     if plan.side == "both":
       if self.method == "svd":
