@@ -68,7 +68,7 @@ class TrainConfig:
   rank: int | None = None           # None: dim // 4
   update_proj_gap: int = 50
   galore_scale: float = 0.25
-  projector: str = 'svd'
+  projector: str = 'subspace_iteration'
   stagger: bool = False             # spread the leaves' refreshes over the period
   # Model.
   dim: int = 128
@@ -354,7 +354,7 @@ def plot_losses(record: dict[str, Any], path: str | os.PathLike) -> None:
   ax.set_ylabel('cross-entropy (nats / byte)')
   title = f"{c['optimizer']}  lr={c['lr']:g}"
   if c['optimizer'] != 'adamw':
-    title += f"  rank={c['rank']}  gap={c['update_proj_gap']}"
+    title += f"  rank={c['rank']}  gap={c['update_proj_gap']}  {c['projector']}" + ('+stagger' if c.get('stagger') else '')
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()

@@ -31,7 +31,7 @@ Basis methods (``projector=`` argument):
 * ``"randomized"``: Halko-Martinsson-Tropp range finder with ``oversample``
   extra columns and ``power_iters`` power iterations (Householder QR), then an
   SVD of the small projected matrix.
-* ``"subspace_iteration"``: warm-started block power iteration from the
+* ``"subspace_iteration"`` (the default): warm-started block power iteration from the
   previous basis, ``iters`` iterations of ``Q <- orth(G orth(G^T Q))``, with a
   shifted Cholesky-QR orthonormalisation: matmuls and ``r x r`` work only, so
   it is fast and shards without gathering ``G``. The first refresh starts from
@@ -188,7 +188,7 @@ class Projector:
     oversample, power_iters: randomized range finder settings.
   """
 
-  method: str = "svd"
+  method: str = "subspace_iteration"
   iters: int = 1
   init_iters: int = 4
   oversample: int = 8

@@ -353,7 +353,7 @@ def galore_project(
     update_proj_gap: int = 200,
     scale: float = 1.0,
     proj_type: str = "std",
-    projector: str = "svd",
+    projector: str = "subspace_iteration",
     on_refresh: str = "keep",
     stagger: bool = False,
     dimension_numbers: Any = None,
@@ -386,8 +386,9 @@ def galore_project(
     proj_type: ``std`` (reduce the smaller dimension; the reference default),
       ``reverse_std``, ``right`` (reduce inputs), ``left`` (reduce outputs),
       ``full`` (two-sided). Sides keep PyTorch's meaning on Flax arrays.
-    projector: ``svd`` (reference), ``eigh``, ``randomized`` or
-      ``subspace_iteration`` (see :mod:`lowrank_optax.projectors`).
+    projector: ``subspace_iteration`` (default: warm-started, matmuls
+      only), ``svd`` (the reference), ``eigh`` or ``randomized`` (see
+      :mod:`lowrank_optax.projectors`).
     on_refresh: ``keep`` the inner state at a refresh (GaLore) or ``reset``
       it (FRUGAL).
     stagger: spread the leaves' refreshes evenly over the period, so that no

@@ -190,7 +190,8 @@ def test_chain_applies_fisher_to_projected_leaves_only():
   r, gap, lr, steps, s = 4, 4, 0.01, 5, 20
   lam = 1e-3  # the reference's hard-coded damping (the default)
   shapes = {"bias": (20,), "layer_norm": (8, 8), "w": (12, 20)}
-  tx = lro.chain(lro.galore_project(r, proj_type="full", update_proj_gap=gap),
+  tx = lro.chain(lro.galore_project(r, proj_type="full", update_proj_gap=gap,
+                                    projector="svd"),
                  lro.scale_by_natural_fisher(), lro.scale_by_adam_hf(),
                  lro.back_project(), optax.scale_by_learning_rate(lr))
   rng = np.random.default_rng(5)

@@ -347,7 +347,7 @@ def _schedule():
 def _make_tx(variant, lr, wd):
   if variant == "lro.galore":
     return lro.galore(lr, RANK, update_proj_gap=GAP, scale=ALPHA,
-                      weight_decay=wd)
+                      weight_decay=wd, projector="svd")
   # Deliberately wrong variants (negative controls), same state structure.
   if variant == "pytorch_adam":   # ALGORITHMS.md 0.2 (B) instead of (A)
     inner, post = optax.scale_by_adam(B1, B2, eps=EPS), [
@@ -357,7 +357,8 @@ def _make_tx(variant, lr, wd):
     post = [optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)]
   else:
     raise ValueError(variant)
-  return lro.chain(lro.galore_project(RANK, update_proj_gap=GAP, scale=ALPHA),
+  return lro.chain(lro.galore_project(RANK, update_proj_gap=GAP, scale=ALPHA,
+                                       projector="svd"),
                    inner, lro.back_project(), *post)
 
 
@@ -527,7 +528,7 @@ def test_galore_matches_numpy_reference():
   wd = 0.1
   sched = _schedule()
   tx = lro.galore(sched, RANK, update_proj_gap=GAP, scale=ALPHA,
-                  weight_decay=wd)
+                  weight_decay=wd, projector="svd")
   params = _to_ours(w0)
   state = tx.init(params)
   keys = _leaf_keys(params)

@@ -179,7 +179,7 @@ def test_f6_residual_orthogonal_to_projected_gradient(shape):
   basis against the float64 top-r singular subspace.
   """
   r = 4
-  tx = lro.chain(lro.galore_project(r), optax.scale(0.0), lro.sgd_residual(1.0))
+  tx = lro.chain(lro.galore_project(r, projector="svd"), optax.scale(0.0), lro.sgd_residual(1.0))
   g = grads_of({"w": shape}, 3, 1)[0]
   e_lib, state = tx.update(g, tx.init(g))
   q = np.asarray(state[0].projector[0].basis, np.float64)
@@ -218,7 +218,7 @@ def test_combined_update_matches_float64_frugal(rule, on_refresh):
   """Adam on R mapped back + s * rule(E), over refreshes (F4 with reset)."""
   r, gap, lr, s, steps = 4, 3, 0.01, 0.4, 7
   closer = lro.sign_residual(s) if rule == "sign" else lro.sgd_residual(s)
-  tx = lro.chain(lro.galore_project(r, update_proj_gap=gap,
+  tx = lro.chain(lro.galore_project(r, update_proj_gap=gap, projector="svd",
                                     on_refresh=on_refresh),
                  optax.scale_by_adam(), closer,
                  optax.scale_by_learning_rate(lr))
@@ -280,7 +280,7 @@ def test_combined_update_matches_float64_frugal(rule, on_refresh):
 def test_stacked_leaf_gets_per_layer_residuals():
   """A (L, m, n) leaf: per-layer bases, per-layer Adam and per-layer E."""
   L, shape, r, gap, lr, s, steps = 3, (12, 20), 4, 2, 0.01, 0.5, 4
-  tx = lro.chain(lro.galore_project(r, update_proj_gap=gap,
+  tx = lro.chain(lro.galore_project(r, update_proj_gap=gap, projector="svd",
                                     on_refresh="reset"),
                  optax.scale_by_adam(), lro.sgd_residual(s),
                  optax.scale_by_learning_rate(lr))
