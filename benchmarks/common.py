@@ -46,6 +46,30 @@ def import_lro():
     return None
 
 
+def optimizer_step(tx):
+  """``(params, grads, state) -> (params, state)``: ``tx.update`` + ``optax.apply_updates``."""
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def load_llama(tag: str = "benchmarks"):
+  """``examples/llama.py`` as a module, or ``None`` (with the reason printed)."""
+  ex = os.path.join(REPO, "examples")
+  if not os.path.exists(os.path.join(ex, "llama.py")):
+    return None
+  if ex not in sys.path:
+    sys.path.insert(0, ex)
+  try:
+    import llama  # noqa: F401
+    llama.LlamaConfig, llama.Llama, llama.loss_fn  # noqa: B018
+    return llama
+  except Exception as e:
+    print(f"[{tag}] examples/llama.py not usable: {type(e).__name__}: {e}", file=sys.stderr)
+    return None
+
+
 def supported_projectors(lro) -> list[str]:
   """The lro.galore projectors that build and run on a tiny problem."""
   if lro is None:

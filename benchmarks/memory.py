@@ -139,31 +139,12 @@ def compile_memory(fn, *args, donate_argnums=()) -> dict:
 def opt_step_memory(tx, params_sds) -> dict:
   state_sds = jax.eval_shape(tx.init, params_sds)
 
-  def step(params, grads, state):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return compile_memory(step, params_sds, params_sds, state_sds, donate_argnums=(0, 2))
-
-
-def _load_llama():
-  ex = os.path.join(common.REPO, "examples")
-  if not os.path.exists(os.path.join(ex, "llama.py")):
-    return None
-  if ex not in sys.path:
-    sys.path.insert(0, ex)
-  try:
-    import llama  # noqa: F401
-    llama.LlamaConfig, llama.Llama, llama.loss_fn  # noqa: B018
-    return llama
-  except Exception as e:
-    print(f"[memory] examples/llama.py not usable: {type(e).__name__}: {e}", file=sys.stderr)
-    return None
+  return compile_memory(common.optimizer_step(tx), params_sds, params_sds, state_sds, donate_argnums=(0, 2))
 
 
 def abstract_llama(size: str, dtype: str, seq: int):
   """``(llama module, graphdef, abstract params, abstract rest)`` of examples/llama.py's Llama."""
-  llama = _load_llama()
+  llama = common.load_llama("memory")
   if llama is None:
     return None
   from flax import nnx

@@ -45,10 +45,26 @@ warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
 
 
 def make_step(tx):
-  def step(params, grads, state):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return jax.jit(step, donate_argnums=(0, 2))
+  return jax.jit(common.optimizer_step(tx), donate_argnums=(0, 2))
+
+
+def _timed(compiled, params, grads, state, n: int, count=None):
+  """Runs ``n`` steps, each timed alone (``count``: set the state's counters first).
+
+  Returns ``(params, state, times, bg_cores)``: ``bg_cores`` is how many cores
+  other processes kept busy meanwhile (see ``common.LoadMeter``).
+  """
+  times = []
+  with common.LoadMeter() as lm:
+    for _ in range(n):
+      if count is not None:
+        state = common.set_count(state, count)
+        common.block(state)
+      t = common.now()
+      params, state = compiled(params, grads, state)
+      common.block((params, state))
+      times.append(common.now() - t)
+  return params, state, times, lm.other_cores
 
 
 def bench_optimizer(method: common.Method, params_sds, grads, *, gap: int, repeats: int,
@@ -74,30 +90,15 @@ def bench_optimizer(method: common.Method, params_sds, grads, *, gap: int, repea
   state = common.set_count(state, 1)
   params, state = compiled(params, grads, state)
   common.block((params, state))
-  times = []
-  with common.LoadMeter() as lm:
-    for _ in range(repeats):
-      t = common.now()
-      params, state = compiled(params, grads, state)
-      common.block((params, state))
-      times.append(common.now() - t)
-  res["bg_cores_steady"] = lm.other_cores
+  params, state, times, res["bg_cores_steady"] = _timed(compiled, params, grads, state, repeats)
   res["step_s"] = common.median(times)
   res["step_min_s"] = min(times)
   res["step_times_s"] = times
 
   is_lowrank = method.kind in ("contrib", "lro")
   if is_lowrank and not method.stagger and not skip_refresh and refresh_repeats > 0:
-    rt = []
-    with common.LoadMeter() as lm:
-      for _ in range(refresh_repeats):
-        state = common.set_count(state, gap)
-        common.block(state)
-        t = common.now()
-        params, state = compiled(params, grads, state)
-        common.block((params, state))
-        rt.append(common.now() - t)
-    res["bg_cores_refresh"] = lm.other_cores
+    params, state, rt, res["bg_cores_refresh"] = _timed(
+        compiled, params, grads, state, refresh_repeats, count=gap)
     res["refresh_s"] = common.median(rt)
     res["refresh_times_s"] = rt
   elif is_lowrank and not method.stagger:
@@ -108,15 +109,7 @@ def bench_optimizer(method: common.Method, params_sds, grads, *, gap: int, repea
       res["period_skipped"] = True
     else:
       state = common.set_count(state, gap)
-      common.block(state)
-      pt = []
-      with common.LoadMeter() as lm:
-        for _ in range(gap):
-          t = common.now()
-          params, state = compiled(params, grads, state)
-          common.block((params, state))
-          pt.append(common.now() - t)
-      res["bg_cores_period"] = lm.other_cores
+      params, state, pt, res["bg_cores_period"] = _timed(compiled, params, grads, state, gap)
       res["period_times_s"] = pt
       res["period_max_s"] = max(pt)
       res["period_mean_s"] = float(np.mean(pt))
@@ -130,25 +123,10 @@ def bench_optimizer(method: common.Method, params_sds, grads, *, gap: int, repea
 # ----------------------------------------------------------------------------- train step
 
 
-def _load_llama():
-  ex = os.path.join(common.REPO, "examples")
-  if not os.path.exists(os.path.join(ex, "llama.py")):
-    return None
-  if ex not in sys.path:
-    sys.path.insert(0, ex)
-  try:
-    import llama  # noqa: F401
-    llama.LlamaConfig, llama.Llama, llama.loss_fn  # noqa: B018
-    return llama
-  except Exception as e:
-    print(f"[speed] examples/llama.py not usable: {type(e).__name__}: {e}", file=sys.stderr)
-    return None
-
-
 def bench_train_step(size: str, methods: list[common.Method], *, batch: int, seq: int,
                      repeats: int, dtype: str) -> list[dict] | None:
   """Forward + backward + update of examples/llama.py's Llama at LLaMA shapes."""
-  llama = _load_llama()
+  llama = common.load_llama("speed")
   if llama is None:
     print("[speed] examples/llama.py not available: skipping --train-step", file=sys.stderr)
     return None
