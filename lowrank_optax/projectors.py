@@ -31,12 +31,13 @@ Basis methods (``projector=`` argument):
 * ``"randomized"``: Halko-Martinsson-Tropp range finder with ``oversample``
   extra columns and ``power_iters`` power iterations (Householder QR), then an
   SVD of the small projected matrix.
-* ``"subspace_iteration"`` (the default): warm-started block power iteration from the
-  previous basis, ``iters`` iterations of ``Q <- orth(G orth(G^T Q))``, with a
-  shifted Cholesky-QR orthonormalisation: matmuls and ``r x r`` work only, so
-  it is fast and shards without gathering ``G``. The first refresh starts from
-  a seeded Gaussian block and runs ``init_iters`` iterations. Because
-  Cholesky-QR is triangular, the ``i``-th new column stays aligned with the
+* ``"subspace_iteration"`` (the default): warm-started block power iteration
+  from the previous basis, ``iters`` iterations of
+  ``Q <- orth(G orth(G^T Q))``, with a shifted Cholesky-QR orthonormalisation:
+  matmuls and ``r x r`` work only, so it is fast and shards without gathering
+  ``G``. The first refresh starts from a seeded Gaussian block made at
+  ``init`` and runs ``init_iters`` iterations. Because Cholesky-QR is
+  triangular, the ``i``-th new column stays aligned with the
   ``i``-th old one, so moments kept across a refresh stay meaningful (an SVD
   may flip signs and reorder vectors).
 """
@@ -204,22 +205,33 @@ class Projector:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
   # -- state ----------------------------------------------------------------
-  def init(self, plan: LeafPlan, dtype, shardings=None):
-    """Initial (placeholder) basis: the first ``r`` unit vectors.
+  def init(self, plan: LeafPlan, dtype, shardings=None, key=None):
+    """Initial basis of a leaf.
 
-    Every projected leaf is refreshed at its first update (count 0), so this
-    value is only ever used if that first gradient is not finite.
+    For ``subspace_iteration`` an orthonormalised Gaussian block (seeded by
+    ``key``): the start of the first refresh, which runs ``init_iters``
+    iterations from it. Keeping the start in the state leaves the jitted
+    update free of random-number generation (which would be compiled once per
+    leaf). For the other methods the first ``r`` unit vectors, a placeholder:
+    every projected leaf is refreshed at its first update (count 0), so it is
+    only used if that first gradient is not finite.
     """
-    def eye(d, sharding):
-      x = jnp.broadcast_to(jnp.eye(d, plan.rank, dtype=dtype),
-                           plan.batch_shape + (d, plan.rank))
+    def start(d, sharding, k):
+      shape = plan.batch_shape + (d, plan.rank)
+      if self.method == "subspace_iteration":
+        x = orthonormalize(jax.random.normal(k, shape, jnp.float32))
+        x = x.astype(dtype)
+      else:
+        x = jnp.broadcast_to(jnp.eye(d, plan.rank, dtype=dtype), shape)
       return jax.device_put(x, sharding) if sharding is not None else x
     sh = shardings or {}
+    k_rows, k_cols = jax.random.split(
+        jax.random.key(0) if key is None else key)
     if plan.side == "both":
-      return TwoSidedBasisState(eye(plan.rows, sh.get("row_basis")),
-                                eye(plan.cols, sh.get("col_basis")))
+      return TwoSidedBasisState(start(plan.rows, sh.get("row_basis"), k_rows),
+                                start(plan.cols, sh.get("col_basis"), k_cols))
     d = plan.rows if plan.side == "reduction" else plan.cols
-    return BasisState(eye(d, sh.get("basis")))
+    return BasisState(start(d, sh.get("basis"), k_rows))
 
   # -- refresh --------------------------------------------------------------
   def _basis(self, a, prev, rank, first, key):
@@ -230,11 +242,9 @@ class Projector:
       return eigh_basis(a, rank)
     if self.method == "randomized":
       return randomized_basis(a, rank, key, self.oversample, self.power_iters)
-    cold = lambda: subspace_iteration_basis(
-        a, jax.random.normal(key, prev.shape, jnp.float32), self.init_iters)
-    warm = lambda: subspace_iteration_basis(a, prev.astype(jnp.float32),
-                                            self.iters)
-    return jax.lax.cond(first, cold, warm)
+    # The first refresh starts from the Gaussian block made by init.
+    iters = jnp.where(first, self.init_iters, self.iters)
+    return subspace_iteration_basis(a, prev.astype(jnp.float32), iters)
 
   def refresh(self, plan: LeafPlan, g: jax.Array, state, first, key):
     """Recomputes the basis from the gradient matrix ``g`` (``(*batch, M, N)``).

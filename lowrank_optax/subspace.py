@@ -271,8 +271,9 @@ def subspace(
       proxy = jax.ShapeDtypeStruct(plan.lowrank_shape, leaf.dtype,
                                    sharding=r_sharding)
       inner_states.append(inner.init(proxy))
-      proj_states.append(config.projector.init(plan, leaf.dtype,
-                                               basis_shardings))
+      proj_states.append(config.projector.init(
+          plan, leaf.dtype, basis_shardings,
+          key=jax.random.fold_in(jax.random.key(config.seed), plan.index)))
     return _on_params_mesh(
         SubspaceState(count=jnp.zeros([], jnp.int32),
                       projector=tuple(proj_states),
