@@ -62,9 +62,9 @@ def galore(
 
   The basis ``Q`` is, by default, refreshed by warm-started subspace
   iteration (one block power step from the previous basis, Cholesky-QR):
-  matmuls only, about as cheap as one projection, where the reference's SVD
-  of every matrix stalls the step (benchmarks/RESULTS.md: on the main job it
-  also reached a lower held-out loss than the SVD). Its columns stay aligned
+  matmuls and ``r x r`` work only, a fraction of the cost of the reference's
+  SVD of every matrix (benchmarks/RESULTS.md; on the main job it also reached
+  a lower held-out loss than the SVD). Its columns stay aligned
   with the previous basis, so the kept moments stay meaningful. Pass
   ``projector="svd"`` to reproduce ``GaLoreAdamW`` exactly (up to the SVD's
   signs; tests/test_parity_galore_torch.py).
@@ -85,7 +85,7 @@ def galore(
     stagger: spread refreshes of the leaves over the period.
     dimension_numbers: matrix views (see :func:`~lowrank_optax.galore_project`).
     exclude: regex of paths kept at full rank by int / fraction policies.
-    seed: seed of randomized projectors.
+    seed: seed of the random starts and sketches of the projectors.
     subspace_iters: iterations per refresh of ``subspace_iteration``.
     subspace_init_iters: iterations of its first (cold) refresh.
     on_refresh: ``keep`` the Adam moments and counter at a refresh (the

@@ -399,7 +399,7 @@ def galore_project(
       ``(in, out)``, higher-rank leaves use their last two axes with the
       leading ones as batch axes.
     exclude: regex of paths that int / fraction policies never project.
-    seed: seed of the randomized projectors.
+    seed: seed of the random starts and sketches of the projectors.
     subspace_iters: iterations per warm refresh of ``subspace_iteration``.
     subspace_init_iters: iterations of its first (cold) refresh.
 
