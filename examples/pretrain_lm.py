@@ -4,7 +4,7 @@ The main example job of ``lowrank_optax``: a Flax NNX decoder (``llama.py``)
 trained on the CPython documentation embedded in every Python install
 (``corpus.py``), with either full-rank AdamW or GaLore. Nothing is downloaded.
 
-    python examples/pretrain_lm.py                        # GaLore, ~3 min on 2 CPU cores
+    python examples/pretrain_lm.py                        # GaLore, ~1.5 min on 2 CPU cores
     python examples/pretrain_lm.py --optimizer adamw      # full-rank baseline
     python examples/pretrain_lm.py --steps 20             # smoke test
 
