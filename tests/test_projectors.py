@@ -361,3 +361,43 @@ def test_zero_gradient_at_refresh_is_finite(method, proj_type):
   # And training goes on normally afterwards.
   u, state2 = update(_random_grads(rng, proj_type), state1, params)
   assert _all_finite(u) and _all_finite(state2)
+
+
+# ---------------------------------------------------------------------------
+# subspace_iteration's start lives in the state (no RNG in the update)
+# ---------------------------------------------------------------------------
+
+
+def _start_bases(seed):
+  params = {"a": jnp.zeros((24, 40)), "b": jnp.zeros((24, 40)),
+            "stack": jnp.zeros((3, 40, 24))}
+  tx = lro.galore(1e-2, rank=RANK, seed=seed)  # default: subspace_iteration
+  state = tx.init(params)
+  return [np.asarray(p.basis, np.float64) for p in state[0].projector]
+
+
+def test_subspace_iteration_start_is_a_seeded_orthonormal_block():
+  a, b, stack = _start_bases(0)
+  for q in (a, b, *stack):
+    assert q.shape[-1] == RANK
+    assert _orth_err(q) < 1e-5
+  # Distinct starts per leaf and per batch element, reproducible per seed.
+  assert np.abs(_proj(a) - _proj(b)).max() > 0.1
+  assert np.abs(_proj(stack[0]) - _proj(stack[1])).max() > 0.1
+  again = _start_bases(0)
+  np.testing.assert_array_equal(a, again[0])
+  assert np.abs(_proj(a) - _proj(_start_bases(1)[0])).max() > 0.1
+
+
+def test_update_generates_no_random_numbers():
+  """The start is made at init: the jitted update has no RNG ops to compile."""
+  params = {"w": jnp.zeros((24, 40)), "v": jnp.zeros((40, 24))}
+  for projector in ("subspace_iteration", "svd", "eigh"):
+    tx = lro.galore(1e-2, rank=RANK, projector=projector)
+    state = tx.init(params)
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, state, params))
+    assert "random_bits" not in jaxpr and "threefry" not in jaxpr, projector
+  # The randomized range finder needs its sketch (the check can fail).
+  tx = lro.galore(1e-2, rank=RANK, projector="randomized")
+  jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+  assert "random_bits" in jaxpr or "threefry" in jaxpr
