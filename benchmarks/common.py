@@ -206,6 +206,25 @@ def env_info() -> dict:
   }
 
 
+def print_header(script: str, env: dict, argv=None, note: str = "") -> None:
+  """The first lines of a benchmark's output: versions, backend and the exact command."""
+  args = sys.argv[1:] if argv is None else argv
+  print(f"# {script}  ({env['date']}, jax {env['jax']}, optax {env['optax']}, backend {env['backend']},"
+        f" {env['cpu_count']} CPUs{note})\n# command: python3 benchmarks/{script} " + " ".join(args),
+        flush=True)
+
+
+def add_shape_args(ap, sizes: str) -> None:
+  """The CLI flags that pick the LLaMA shapes and the projection (speed.py, memory.py)."""
+  import shapes  # benchmarks/ sibling
+  ap.add_argument("--sizes", default=sizes)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--rank", type=int, default=None,
+                  help="projection rank (default: GaLore paper rank per size: 60m 128, 130m/350m 256, 1b 512, 7b 1024)")
+  ap.add_argument("--gap", type=int, default=200, help="update_proj_gap T")
+  ap.add_argument("--layout", default="per_layer", choices=shapes.LAYOUTS)
+
+
 def write_json(path: Optional[str], payload: dict):
   if not path:
     return

@@ -283,12 +283,7 @@ def peak_table(results: list[dict], train: Optional[list[dict]]) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--sizes", default="60m,130m,350m,1b,7b")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--rank", type=int, default=None,
-                  help="projection rank (default: GaLore paper rank per size: 60m 128, 130m/350m 256, 1b 512, 7b 1024)")
-  ap.add_argument("--gap", type=int, default=200, help="update_proj_gap T")
-  ap.add_argument("--layout", default="per_layer", choices=shapes.LAYOUTS)
+  common.add_shape_args(ap, "60m,130m,350m,1b,7b")
   ap.add_argument("--methods", default=DEFAULT_METHODS,
                   help="comma list of: adamw, contrib, svd, subspace_iteration, eigh, randomized,"
                        " <proj>+stagger, all (adamw is always added as the baseline)")
@@ -305,10 +300,7 @@ def main(argv=None):
   lro = common.import_lro()
   env = common.env_info()
   t_start = common.now()
-  print(f"# memory.py  ({env['date']}, jax {env['jax']}, optax {env['optax']}, backend {env['backend']},"
-        f" {env['cpu_count']} CPUs; compile-only, nothing allocated)\n# command: python3 benchmarks/"
-        f"{os.path.basename(__file__)} " + " ".join(sys.argv[1:] if argv is None else argv),
-        flush=True)
+  common.print_header("memory.py", env, argv, "; compile-only, nothing allocated")
   payload: dict[str, Any] = {"env": env, "args": vars(args), "results": {}}
 
   for size in [s.strip().lower() for s in args.sizes.split(",") if s.strip()]:
@@ -358,8 +350,8 @@ def main(argv=None):
       if args.no_opt_step:
         for r in results:
           r["opt_step"] = {"memory": None, "lower_s": 0.0, "compile_s": 0.0}
-      print(f"\nPeak bytes, compile-only (memory_analysis; peak = argument + output + temp - alias)."
-            f" Optimizer step: params + grads + state in, params + state donated."
+      print("\nPeak bytes, compile-only (memory_analysis; peak = argument + output + temp - alias)."
+            " Optimizer step: params + grads + state in, params + state donated."
             + (f" Train step: examples/llama.py, batch {args.train_batch} x seq {args.train_seq},"
                f" per-layer model, params + state donated." if train else "") + "\n")
       t2 = peak_table(results, train)

@@ -160,9 +160,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   env = common.env_info()
-  print(f"# quality.py  ({env['date']}, jax {env['jax']}, optax {env['optax']}, backend {env['backend']},"
-        f" {env['cpu_count']} CPUs)\n# command: python3 benchmarks/{os.path.basename(__file__)} "
-        + " ".join(sys.argv[1:]), flush=True)
+  common.print_header("quality.py", env, argv)
 
   # Methods.
   lro = common.import_lro()

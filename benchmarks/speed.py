@@ -211,12 +211,7 @@ def _fl(x):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--sizes", default="60m,130m")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--rank", type=int, default=None,
-                  help="projection rank (default: GaLore paper rank per size: 60m 128, 130m/350m 256, 1b 512, 7b 1024)")
-  ap.add_argument("--gap", type=int, default=200, help="update_proj_gap T")
-  ap.add_argument("--layout", default="per_layer", choices=shapes.LAYOUTS)
+  common.add_shape_args(ap, "60m,130m")
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--refresh-repeats", type=int, default=2)
   ap.add_argument("--methods", default="all",
@@ -239,9 +234,7 @@ def main(argv=None):
 
   lro = common.import_lro()
   env = common.env_info()
-  print(f"# speed.py  ({env['date']}, jax {env['jax']}, optax {env['optax']}, backend {env['backend']},"
-        f" {env['cpu_count']} CPUs)\n# command: python3 benchmarks/{os.path.basename(__file__)} "
-        + " ".join(sys.argv[1:]), flush=True)
+  common.print_header("speed.py", env, argv)
   skip = {s.strip() for s in args.skip_refresh.split(",") if s.strip()}
   period_only = {s.strip() for s in args.period_methods.split(",") if s.strip()}
   payload = {"env": env, "args": vars(args), "results": {}}
