@@ -4,9 +4,12 @@ Method names (``--methods``):
 
 * ``adamw``                       optax.adamw
 * ``contrib``                     optax.contrib.galore (same rank / T / scale; its default: every 2-D leaf)
-* ``svd``, ``subspace_iteration``, ``eigh``, ``randomized``
+* ``svd``, ``subspace_iteration``, ``eigh``, ``randomized``, ``dct``
                                   lro.galore(projector=...)
-* any of the four with ``+stagger`` (e.g. ``svd+stagger``): lro.galore(..., stagger=True)
+* any of them with ``+stagger`` (e.g. ``svd+stagger``): lro.galore(..., stagger=True)
+* any of them with ``+reverse_std`` (e.g. ``dct+reverse_std``):
+  lro.galore(..., proj_type="reverse_std"), which reduces the *larger* matrix
+  dimension (as optax.contrib.galore does): smaller moments, larger bases
 
 ``all`` expands to every method the installed library supports.
 """
@@ -32,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-LRO_PROJECTORS = ("svd", "subspace_iteration", "eigh", "randomized")
+LRO_PROJECTORS = ("svd", "subspace_iteration", "eigh", "randomized", "dct")
+METHOD_FLAGS = ("", "stagger", "reverse_std")
 
 
 def import_lro():
@@ -96,6 +100,7 @@ class Method:
   kind: str          # 'adamw' | 'contrib' | 'lro'
   projector: Optional[str] = None
   stagger: bool = False
+  proj_type: str = "std"
 
 
 def make_methods(names: list[str] | str, *, rank: int, gap: int, lr: float = 1e-3,
@@ -117,18 +122,19 @@ def make_methods(names: list[str] | str, *, rank: int, gap: int, lr: float = 1e-
                                                      scale=scale, weight_decay=wd), "contrib"))
     else:
       proj, _, flag = n.partition("+")
-      if flag not in ("", "stagger") or proj not in LRO_PROJECTORS:
+      if flag not in METHOD_FLAGS or proj not in LRO_PROJECTORS:
         raise ValueError(f"unknown method {n!r}")
       if proj not in avail:
         print(f"[benchmarks] skipping {n}: projector {proj!r} not available", file=sys.stderr)
         continue
       stagger = flag == "stagger"
-      label = f"lro.galore[{proj}{', stagger' if stagger else ''}] r{rank}"
+      proj_type = "reverse_std" if flag == "reverse_std" else "std"
+      label = f"lro.galore[{proj}{', ' + flag if flag else ''}] r{rank}"
       out.append(Method(n, label,
-                        (lambda proj=proj, stagger=stagger: lro.galore(
+                        (lambda proj=proj, stagger=stagger, proj_type=proj_type: lro.galore(
                             lr, rank=rank, update_proj_gap=gap, scale=scale, projector=proj,
-                            stagger=stagger, weight_decay=wd)),
-                        "lro", proj, stagger))
+                            stagger=stagger, proj_type=proj_type, weight_decay=wd)),
+                        "lro", proj, stagger, proj_type))
   return out
 
 

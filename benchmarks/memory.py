@@ -12,7 +12,8 @@ Per size and method it reports:
   analytic GaLore minimum of ALGORITHMS.md section 12
   (``shapes.galore_min_state_bytes``: projector ``r*n`` + moments ``2*r*m``
   per attention / MLP matrix, Adam ``m, v`` for every other leaf, one
-  counter). ``state/min`` is the ratio (target for lro methods: within 1%;
+  counter; for ``dct`` methods ``r`` int32 indices instead of the ``r*n``
+  basis, for ``+reverse_std`` methods ``r*m`` + ``2*r*n``). ``state/min`` is the ratio (target for lro methods: within 1%;
   reported, not asserted). ``optax.contrib.galore`` projects *every* 2-D leaf
   (embedding and head too) and no 3-D (stacked) leaf, so its ratio is well
   below 1 in the per-layer layout and well above 1 in the stacked one.
@@ -219,7 +220,8 @@ def _peak(r: Optional[dict]) -> Optional[int]:
 
 def state_table(size: str, results: list[dict], *, adam_b: int, gmin: dict, params_b: int,
                 dtype: str) -> str:
-  headers = ["optimizer", "state", "Adam state (analytic)", "GaLore min (analytic)",
+  """``gmin``: the analytic minimum per method name (``"default"`` for the rest)."""
+  headers = ["optimizer", "state", "state (GB)", "Adam state (analytic)", "GaLore min (analytic)",
              "state / min", "state vs Adam"]
   bf16 = dtype == "bfloat16"
   if bf16:
@@ -230,9 +232,9 @@ def state_table(size: str, results: list[dict], *, adam_b: int, gmin: dict, para
   for r in results:
     sb = r["state_bytes"]
     lowrank = r["kind"] in ("contrib", "lro")
-    row = [r["label"], common.fmt_bytes(sb), common.fmt_bytes(adam_b),
-           common.fmt_bytes(gmin["total"]),
-           f"{sb / gmin['total']:.4f}" if lowrank else "—", _pct(sb, adam_b)]
+    mn = gmin.get(r["method"], gmin["default"])["total"]
+    row = [r["label"], common.fmt_bytes(sb), _gb(sb), common.fmt_bytes(adam_b),
+           common.fmt_bytes(mn), f"{sb / mn:.4f}" if lowrank else "—", _pct(sb, adam_b)]
     if bf16:
       tot = params_b + sb
       paper = PAPER_TABLE2.get(size)
@@ -314,7 +316,12 @@ def main(argv=None):
     sds = shapes.llama_params(size, args.dtype, args.layout)
     params_b = shapes.tree_bytes(sds)
     adam_b = shapes.adam_state_bytes(sds)
-    gmin = shapes.galore_min_state_bytes(sds, rank)
+    gmin = {"default": shapes.galore_min_state_bytes(sds, rank)}
+    for m in methods:  # the DCT projector stores indices; reverse_std swaps the sides
+      if m.kind == "lro":
+        gmin[m.name] = shapes.galore_min_state_bytes(
+            sds, rank, projector="indices" if m.projector == "dct" else "basis",
+            proj_type=m.proj_type)
     print(f"\n## {size} ({shapes.num_params(sds) / 1e6:.1f} M params = {common.fmt_bytes(params_b)},"
           f" {args.dtype}, {args.layout}, rank {rank}, T={args.gap})", flush=True)
 
@@ -334,7 +341,8 @@ def main(argv=None):
       results.append(r)
 
     print(f"\nOptimizer state ({size}, {args.dtype}, {args.layout}, rank {rank}); analytic min:"
-          f" ALGORITHMS.md 12 ({gmin['n_matrices']} projected matrices)\n")
+          f" ALGORITHMS.md 12 ({gmin['default']['n_matrices']} projected matrices; per method:"
+          f" r int32 indices instead of the basis for dct, sides swapped for reverse_std)\n")
     t1 = state_table(size, results, adam_b=adam_b, gmin=gmin, params_b=params_b, dtype=args.dtype)
     print(t1, flush=True)
     entry = {"rank": rank, "num_params": shapes.num_params(sds), "params_bytes": params_b,

@@ -108,14 +108,20 @@ def is_projected_reference(path: str, shape) -> bool:
   return len(shape) >= 2 and ("attn" in path or "mlp" in path)
 
 
-def galore_min_state_bytes(tree, rank: int, state_dtype=None, counters: int = 1) -> dict:
+def galore_min_state_bytes(tree, rank: int, state_dtype=None, counters: int = 1,
+                           projector: str = "basis", proj_type: str = "std") -> dict:
   """Analytic minimum optimizer-state bytes of GaLore (ALGORITHMS.md section 12).
 
-  Per projected matrix (m x n, batch axes multiply): projector ``r*min(m,n)`` +
-  moments ``2*r*max(m,n)``; every other leaf: ``2 x`` its size (Adam m, v);
-  plus ``counters`` int32 scalars. Element size = ``state_dtype`` (default: the
+  Per projected matrix (m x n, batch axes multiply), with ``d`` the reduced
+  dimension (``std``: ``min(m, n)``; ``reverse_std``: ``max(m, n)``) and ``k``
+  the other one: projector ``r*d`` elements (``projector="basis"``) or ``r``
+  int32 indices (``projector="indices"``, the DCT projector) + moments
+  ``2*r*k``; every other leaf: ``2 x`` its size (Adam m, v); plus
+  ``counters`` int32 scalars. Element size = ``state_dtype`` (default: the
   leaf's dtype). ``r`` is capped at ``min(m, n)``.
   """
+  if projector not in ("basis", "indices") or proj_type not in ("std", "reverse_std"):
+    raise ValueError(f"unknown projector / proj_type: {projector!r}, {proj_type!r}")
   proj = other = 0
   n_proj = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -124,8 +130,11 @@ def galore_min_state_bytes(tree, rank: int, state_dtype=None, counters: int = 1)
     shape = leaf.shape
     if is_projected_reference(p, shape) and min(shape[-2:]) > rank:
       batch = math.prod(shape[:-2])
-      m, n = max(shape[-2:]), min(shape[-2:])
-      proj += batch * (rank * n + 2 * rank * m) * item
+      d, k = min(shape[-2:]), max(shape[-2:])
+      if proj_type == "reverse_std":
+        d, k = k, d
+      basis = rank * d * item if projector == "basis" else rank * 4
+      proj += batch * (basis + 2 * rank * k * item)
       n_proj += batch
     else:
       other += 2 * math.prod(shape) * item

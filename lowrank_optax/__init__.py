@@ -19,8 +19,12 @@ from lowrank_optax.policy import LeafPlan
 from lowrank_optax.policy import MatrixView
 from lowrank_optax.policy import plan_leaves
 from lowrank_optax.projectors import BasisState
+from lowrank_optax.projectors import dct_matrix
+from lowrank_optax.projectors import dct_select
+from lowrank_optax.projectors import IndexState
 from lowrank_optax.projectors import Projector
 from lowrank_optax.projectors import TwoSidedBasisState
+from lowrank_optax.projectors import TwoSidedIndexState
 from lowrank_optax.recipes import galore
 from lowrank_optax.residual import sgd_residual
 from lowrank_optax.residual import sign_residual

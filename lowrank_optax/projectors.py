@@ -40,6 +40,10 @@ Basis methods (``projector=`` argument):
   triangular, the ``i``-th new column stays aligned with the
   ``i``-th old one, so moments kept across a refresh stay meaningful (an SVD
   may flip signs and reorder vectors).
+* ``"dct"``: SVD-free column selection from the fixed orthonormal DCT-II
+  matrix (Modoranu et al.): the state is only the ``r`` selected indices per
+  matrix (``int32``); the basis columns are computed from them when needed,
+  never stored. See :func:`dct_matrix` and :func:`dct_select`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lowrank_optax.policy import LeafPlan
@@ -58,11 +63,15 @@ __all__ = [
     "BASIS_METHODS",
     "BasisState",
     "TwoSidedBasisState",
+    "IndexState",
+    "TwoSidedIndexState",
     "Projector",
     "svd_basis",
     "eigh_basis",
     "randomized_basis",
     "subspace_iteration_basis",
+    "dct_matrix",
+    "dct_select",
     "orthonormalize",
 ]
 
@@ -88,6 +97,29 @@ class TwoSidedBasisState(NamedTuple):
 
   row_basis: jax.Array
   col_basis: jax.Array
+
+
+class IndexState(NamedTuple):
+  """Projector state of a one-sided DCT projection.
+
+  Attributes:
+    indices: ``(*batch, r)`` ``int32``, ascending: the selected columns of the
+      DCT matrix (:func:`dct_matrix`) of the reduced matrix axis.
+  """
+
+  indices: jax.Array
+
+
+class TwoSidedIndexState(NamedTuple):
+  """Projector state of a two-sided (``full``) DCT projection.
+
+  Attributes:
+    row_indices: ``(*batch, r)`` selected DCT columns of the input axis.
+    col_indices: ``(*batch, r)`` selected DCT columns of the output axis.
+  """
+
+  row_indices: jax.Array
+  col_indices: jax.Array
 
 
 # --------------------------------------------------------------------------
@@ -170,7 +202,86 @@ def subspace_iteration_basis(a: jax.Array, start: jax.Array,
   return jax.lax.fori_loop(0, iters, step, start)
 
 
-BASIS_METHODS = ("svd", "eigh", "randomized", "subspace_iteration")
+# The DCT entry C[k, j] is looked up from cos(pi t / (2 d)) at
+# t = k (2 j + 1) mod 4d, computed exactly in uint32: d <= 46340.
+DCT_MAX_DIM = 46340
+
+
+@functools.lru_cache(maxsize=None)
+def _cos_table(d: int) -> np.ndarray:
+  return np.cos(np.arange(4 * d) * (np.pi / (2 * d))).astype(np.float32)
+
+
+def dct_matrix(d: int, indices: Optional[jax.Array] = None,
+               dtype=jnp.float32) -> jax.Array:
+  r"""Columns of the orthonormal DCT-II matrix of size ``d``.
+
+  .. math::
+    C_{kj} = s_k \cos\frac{\pi k (2j + 1)}{2d}, \quad
+    s_0 = \sqrt{1/d},\ s_{k>0} = \sqrt{2/d},
+
+  so that ``C C^T = C^T C = I``, row 0 is ``1/sqrt(d)`` and
+  ``scipy.fft.dct(x, type=2, norm="ortho") == C @ x``. This is the matrix the
+  reference calls ``dct3_matrix`` and selects columns of (its default
+  ``sim_type="matmul"``). The entries are looked up from a table of ``4d``
+  cosines at the exact integer phase ``k (2j + 1) mod 4d``, so no ``d x d``
+  matrix is stored and large phases lose no accuracy.
+
+  Args:
+    d: the size (at most :data:`DCT_MAX_DIM`).
+    indices: ``(*batch, r)`` integer column indices; ``None`` for all ``d``.
+    dtype: the result's dtype.
+
+  Returns:
+    ``(*batch, d, r)``: the selected columns ``C[:, indices]``.
+  """
+  if not 1 <= d <= DCT_MAX_DIM:
+    raise ValueError(f"The DCT projector supports matrix dimensions up to"
+                     f" {DCT_MAX_DIM}; got {d}.")
+  if indices is None:
+    indices = jnp.arange(d, dtype=jnp.int32)
+  k = jnp.arange(d, dtype=jnp.uint32)[:, None]
+  j = indices.astype(jnp.uint32)[..., None, :]
+  phase = (k * (2 * j + 1)) % jnp.uint32(4 * d)
+  scale = jnp.where(k == 0, np.sqrt(1.0 / d), np.sqrt(2.0 / d)).astype(
+      jnp.float32)
+  return (scale * jnp.asarray(_cos_table(d))[phase]).astype(dtype)
+
+
+def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
+  r"""Indices of the ``rank`` DCT columns that carry most of ``a``.
+
+  With ``S = C^T a`` (``C = dct_matrix(d)``, ``a`` of shape ``(*b, d, n)``),
+  the score of column ``j`` of ``C`` is the ``l1`` norm (or the squared
+  ``l2`` norm) of row ``j`` of ``S``; the top-``rank`` indices are returned in
+  ascending order.
+
+  Args:
+    a: ``(*batch, d, n)`` float32 gradient, reduced axis first.
+    rank: number of columns to select.
+    score: ``"l1"`` (the reference's default ``ell_norm=1``) or ``"l2"``
+      (the Frobenius-optimal choice among column subsets of ``C``: it
+      minimises ``||a - C_S C_S^T a||``).
+
+  Returns:
+    ``(*batch, rank)`` ``int32``, ascending.
+  """
+  d = a.shape[-2]
+  s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a, precision=_HI)
+  if score not in DCT_SCORES:
+    raise ValueError(f"Unknown DCT score {score!r}; expected one of {DCT_SCORES}.")
+  if score == "l1":
+    scores = jnp.sum(jnp.abs(s), axis=-1)
+  else:
+    scores = jnp.sum(jnp.square(s), axis=-1)
+  _, idx = jax.lax.top_k(scores, rank)
+  # Ascending (a documented deviation: the reference keeps top-k's order,
+  # which permutes the slots of kept moments even for an unchanged set).
+  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+BASIS_METHODS = ("svd", "eigh", "randomized", "subspace_iteration", "dct")
+DCT_SCORES = ("l1", "l2")
 
 
 def _is_orthonormal(q: jax.Array, tol: float = 1e-2) -> jax.Array:
@@ -187,6 +298,8 @@ class Projector:
     iters: subspace-iteration steps per warm refresh.
     init_iters: subspace-iteration steps at the first (cold) refresh.
     oversample, power_iters: randomized range finder settings.
+    dct_score: the DCT column score, ``"l1"`` (the reference's
+      ``ell_norm=1``) or ``"l2"`` (see :func:`dct_select`).
   """
 
   method: str = "subspace_iteration"
@@ -194,6 +307,7 @@ class Projector:
   init_iters: int = 4
   oversample: int = 8
   power_iters: int = 2
+  dct_score: str = "l1"
 
   def __post_init__(self):
     if self.method not in BASIS_METHODS:
@@ -203,6 +317,9 @@ class Projector:
       value = getattr(self, name)
       if isinstance(value, int) and value < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if self.dct_score not in DCT_SCORES:
+      raise ValueError(f"Unknown dct_score {self.dct_score!r}; expected one of"
+                       f" {DCT_SCORES}.")
 
   # -- state ----------------------------------------------------------------
   def init(self, plan: LeafPlan, dtype, shardings=None, key=None):
@@ -214,8 +331,11 @@ class Projector:
     update free of random-number generation (which would be compiled once per
     leaf). For the other methods the first ``r`` unit vectors, a placeholder:
     every projected leaf is refreshed at its first update (count 0), so it is
-    only used if that first gradient is not finite.
+    only used if that first gradient is not finite. For ``dct`` the indices
+    ``0..r-1`` (the lowest frequencies), the same placeholder.
     """
+    if self.method == "dct":
+      return self._init_indices(plan, shardings)
     def start(d, sharding, k):
       shape = plan.batch_shape + (d, plan.rank)
       if self.method == "subspace_iteration":
@@ -232,6 +352,19 @@ class Projector:
                                 start(plan.cols, sh.get("col_basis"), k_cols))
     d = plan.rows if plan.side == "reduction" else plan.cols
     return BasisState(start(d, sh.get("basis"), k_rows))
+
+  def _init_indices(self, plan: LeafPlan, shardings=None):
+    sh = shardings or {}
+    def start(d, sharding):
+      dct_matrix(d, jnp.zeros((1,), jnp.int32))  # checks d
+      x = jnp.broadcast_to(jnp.arange(plan.rank, dtype=jnp.int32),
+                           plan.batch_shape + (plan.rank,))
+      return jax.device_put(x, sharding) if sharding is not None else x
+    if plan.side == "both":
+      return TwoSidedIndexState(start(plan.rows, sh.get("row_indices")),
+                                start(plan.cols, sh.get("col_indices")))
+    d = plan.rows if plan.side == "reduction" else plan.cols
+    return IndexState(start(d, sh.get("indices")))
 
   # -- refresh --------------------------------------------------------------
   def _basis(self, a, prev, rank, first, key):
@@ -269,6 +402,15 @@ class Projector:
 
   def _refresh_finite(self, plan: LeafPlan, a, state, first, key):
     """:meth:`refresh` for a finite float32 gradient matrix ``a``."""
+    if self.method == "dct":
+      if plan.side == "both":
+        return TwoSidedIndexState(
+            dct_select(a, plan.rank, self.dct_score),
+            dct_select(_mT(a), plan.rank, self.dct_score))
+      if plan.side == "output":
+        a = _mT(a)
+      return IndexState(dct_select(a, plan.rank, self.dct_score))
+
     def keep_if_bad(new, old):
       return jnp.where(_is_orthonormal(new), new.astype(old.dtype), old)
 
@@ -294,27 +436,39 @@ class Projector:
 
   # -- maps -----------------------------------------------------------------
   @staticmethod
-  def down(plan: LeafPlan, g: jax.Array, state) -> jax.Array:
-    """Full matrix ``(*batch, M, N)`` -> low-rank ``R`` (``plan.lowrank_shape``)."""
-    if plan.side == "reduction":
-      q = state.basis.astype(g.dtype)
-      return jnp.einsum("...mr,...mn->...rn", q, g)
-    if plan.side == "output":
-      q = state.basis.astype(g.dtype)
-      return jnp.einsum("...mn,...nr->...mr", g, q)
-    qm = state.row_basis.astype(g.dtype)
-    qn = state.col_basis.astype(g.dtype)
-    return jnp.einsum("...mr,...mn,...ns->...rs", qm, g, qn)
+  def bases(plan: LeafPlan, state, dtype):
+    """The basis matrices of a projector state, in ``dtype``.
 
-  @staticmethod
-  def up(plan: LeafPlan, x: jax.Array, state) -> jax.Array:
-    """Low-rank ``(*batch, ...)`` -> full matrix ``(*batch, M, N)``."""
+    Returns ``(Q,)`` for a one-sided projection (``(*batch, d, r)``) and
+    ``(Q_M, Q_N)`` for a two-sided one; for a DCT state the columns are
+    computed from the stored indices.
+    """
+    if isinstance(state, IndexState):
+      d = plan.rows if plan.side == "reduction" else plan.cols
+      return (dct_matrix(d, state.indices, dtype),)
+    if isinstance(state, TwoSidedIndexState):
+      return (dct_matrix(plan.rows, state.row_indices, dtype),
+              dct_matrix(plan.cols, state.col_indices, dtype))
+    if isinstance(state, TwoSidedBasisState):
+      return (state.row_basis.astype(dtype), state.col_basis.astype(dtype))
+    return (state.basis.astype(dtype),)
+
+  @classmethod
+  def down(cls, plan: LeafPlan, g: jax.Array, state) -> jax.Array:
+    """Full matrix ``(*batch, M, N)`` -> low-rank ``R`` (``plan.lowrank_shape``)."""
+    qs = cls.bases(plan, state, g.dtype)
     if plan.side == "reduction":
-      q = state.basis.astype(x.dtype)
-      return jnp.einsum("...mr,...rn->...mn", q, x)
+      return jnp.einsum("...mr,...mn->...rn", qs[0], g)
     if plan.side == "output":
-      q = state.basis.astype(x.dtype)
-      return jnp.einsum("...mr,...nr->...mn", x, q)
-    qm = state.row_basis.astype(x.dtype)
-    qn = state.col_basis.astype(x.dtype)
-    return jnp.einsum("...mr,...rs,...ns->...mn", qm, x, qn)
+      return jnp.einsum("...mn,...nr->...mr", g, qs[0])
+    return jnp.einsum("...mr,...mn,...ns->...rs", qs[0], g, qs[1])
+
+  @classmethod
+  def up(cls, plan: LeafPlan, x: jax.Array, state) -> jax.Array:
+    """Low-rank ``(*batch, ...)`` -> full matrix ``(*batch, M, N)``."""
+    qs = cls.bases(plan, state, x.dtype)
+    if plan.side == "reduction":
+      return jnp.einsum("...mr,...rn->...mn", qs[0], x)
+    if plan.side == "output":
+      return jnp.einsum("...mr,...nr->...mn", x, qs[0])
+    return jnp.einsum("...mr,...rs,...ns->...mn", qs[0], x, qs[1])

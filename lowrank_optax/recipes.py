@@ -41,6 +41,7 @@ def galore(
     subspace_iters: int = 1,
     subspace_init_iters: int = 4,
     on_refresh: str = "keep",
+    dct_score: str = "l1",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW; with ``projector="svd"`` step for step the official ``GaLoreAdamW``.
 
@@ -78,7 +79,8 @@ def galore(
     scale: ``alpha`` (0.25 in the reference pre-training scripts).
     proj_type: ``std | reverse_std | left | right | full``.
     projector: ``subspace_iteration`` (default), ``svd`` (the reference),
-      ``eigh``, ``randomized``.
+      ``eigh``, ``randomized``, ``dct`` (GaLore with SVD-free DCT column
+      selection, Modoranu et al.; stores ``r`` indices per matrix).
     b1, b2, eps: Adam, HF convention (reference: 0.9, 0.999, 1e-6).
     weight_decay: ``lambda``, decoupled, applied to the updated weights.
     weight_decay_mask: optional mask for the decay.
@@ -90,6 +92,8 @@ def galore(
     subspace_init_iters: iterations of its first (cold) refresh.
     on_refresh: ``keep`` the Adam moments and counter at a refresh (the
       reference) or ``reset`` them.
+    dct_score: column score of the ``dct`` projector, ``"l1"`` (the
+      reference) or ``"l2"``.
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -115,7 +119,8 @@ def galore(
           proj_type=proj_type, projector=projector, stagger=stagger,
           dimension_numbers=dimension_numbers, exclude=exclude, seed=seed,
           subspace_iters=subspace_iters,
-          subspace_init_iters=subspace_init_iters, on_refresh=on_refresh),
+          subspace_init_iters=subspace_init_iters, on_refresh=on_refresh,
+          dct_score=dct_score),
       transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps),
       subspace_lib.back_project(),
       optax.scale_by_learning_rate(learning_rate),

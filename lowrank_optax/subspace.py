@@ -181,12 +181,15 @@ def _lowrank_shardings(plan: policy_lib.LeafPlan, sharding):
   rows = _spec_entry(spec, plan.reduction_axes)
   cols = _spec_entry(spec, plan.output_axes)
   mk = lambda *s: jax.sharding.NamedSharding(sharding.mesh, P(*batch, *s))
+  # DCT projectors store (*batch, r) indices, replicated over the matrix.
+  indices = {"indices": mk(None), "row_indices": mk(None),
+             "col_indices": mk(None)}
   if plan.side == "reduction":
-    return mk(None, cols), {"basis": mk(rows, None)}
+    return mk(None, cols), {"basis": mk(rows, None), **indices}
   if plan.side == "output":
-    return mk(rows, None), {"basis": mk(cols, None)}
+    return mk(rows, None), {"basis": mk(cols, None), **indices}
   return mk(None, None), {"row_basis": mk(rows, None),
-                          "col_basis": mk(cols, None)}
+                          "col_basis": mk(cols, None), **indices}
 
 
 def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
@@ -362,6 +365,7 @@ def galore_project(
     seed: int = 0,
     subspace_iters: int = 1,
     subspace_init_iters: int = 4,
+    dct_score: str = "l1",
 ) -> ProjectionElement:
   r"""The GaLore projection element: gradients into a refreshed low-rank subspace.
 
@@ -388,8 +392,9 @@ def galore_project(
       ``reverse_std``, ``right`` (reduce inputs), ``left`` (reduce outputs),
       ``full`` (two-sided). Sides keep PyTorch's meaning on Flax arrays.
     projector: ``subspace_iteration`` (default: warm-started, matmuls
-      only), ``svd`` (the reference), ``eigh`` or ``randomized`` (see
-      :mod:`lowrank_optax.projectors`).
+      only), ``svd`` (the reference), ``eigh``, ``randomized``, or ``dct``
+      (SVD-free selection of DCT columns; the state is ``r`` indices per
+      matrix, no basis) (see :mod:`lowrank_optax.projectors`).
     on_refresh: ``keep`` the inner state at a refresh (GaLore) or ``reset``
       it (FRUGAL).
     stagger: spread the leaves' refreshes evenly over the period, so that no
@@ -402,6 +407,8 @@ def galore_project(
     seed: seed of the random starts and sketches of the projectors.
     subspace_iters: iterations per warm refresh of ``subspace_iteration``.
     subspace_init_iters: iterations of its first (cold) refresh.
+    dct_score: column score of the ``dct`` projector: ``"l1"`` (the
+      reference's ``ell_norm=1``) or ``"l2"``.
 
   Returns:
     A :class:`ProjectionElement` for :func:`chain`.
@@ -434,7 +441,8 @@ def galore_project(
     raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected one of"
                      f" {ON_REFRESH}.")
   proj = projectors_lib.Projector(method=projector, iters=subspace_iters,
-                                  init_iters=subspace_init_iters)
+                                  init_iters=subspace_init_iters,
+                                  dct_score=dct_score)
   return ProjectionElement(ProjectionConfig(
       rank=rank, update_proj_gap=update_proj_gap, scale=scale,
       proj_type=proj_type, projector=proj, on_refresh=on_refresh,
