@@ -234,6 +234,22 @@ def dct_matrix(d: int, indices: Optional[jax.Array] = None,
 
   Returns:
     ``(*batch, d, r)``: the selected columns ``C[:, indices]``.
+
+  Example:
+    >>> import jax.numpy as jnp, lowrank_optax as lro
+    >>> c = lro.dct_matrix(4)
+    >>> bool(jnp.allclose(c @ c.T, jnp.eye(4), atol=1e-6))
+    True
+    >>> lro.dct_matrix(4, jnp.array([0, 2])).shape
+    (4, 2)
+
+  References:
+    Modoranu et al., `FFT-based Dynamic Subspace Selection for Low-Rank
+    Adaptive Optimization of Large Language Models
+    <https://arxiv.org/abs/2505.17967>`_ (v1: "SVD-Free Low-Rank Adaptive
+    Gradient Optimization for Large Language Models"); official code
+    https://github.com/IST-DASLab/ISTA-DASLab-Optimizers
+    (``ista_daslab_optimizers/utils/dct.py``).
   """
   if not 1 <= d <= DCT_MAX_DIM:
     raise ValueError(f"The DCT projector supports matrix dimensions up to"
@@ -265,6 +281,18 @@ def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
 
   Returns:
     ``(*batch, rank)`` ``int32``, ascending.
+
+  Example:
+    >>> import jax.numpy as jnp, lowrank_optax as lro
+    >>> a = lro.dct_matrix(8, jnp.array([6, 1])) @ jnp.ones((2, 5))
+    >>> lro.dct_select(a, 2)
+    Array([1, 6], dtype=int32)
+
+  References:
+    Modoranu et al., arXiv 2505.17967; official code
+    https://github.com/IST-DASLab/ISTA-DASLab-Optimizers
+    (``ista_daslab_optimizers/fft_low_rank/fft_projector.py``, the dynamic
+    column selection of ``dct_adamw.py``).
   """
   d = a.shape[-2]
   s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a, precision=_HI)

@@ -199,6 +199,55 @@ def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
   return (plan.index * gap) // n_projected
 
 
+def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
+                   count, proj_states):
+  """Refreshes the bases of the leaves that refresh at this count.
+
+  Leaves that refresh at the same steps (all of them without ``stagger``)
+  share **one** ``lax.cond``: the steady step evaluates one predicate per
+  refresh group instead of one per leaf (on GPUs a conditional reads its
+  predicate on the host), and the refresh work of a group sits in one branch.
+  Each leaf's refresh is still its own computation: nothing is concatenated
+  across leaves, so each basis keeps its own sharding.
+
+  Returns:
+    ``(projector states, {plan.index: traced bool refresh flag})``.
+  """
+  gap = config.update_proj_gap
+  base_key = jax.random.key(config.seed)
+  groups: dict[int, list[int]] = {}
+  refresh_of = {}
+  for i, plan in enumerate(plans):
+    if plan is None or plan.rank == 0:
+      continue
+    offset = _refresh_offset(plan, n_projected, gap, config.stagger)
+    # A traced offset (update_proj_gap traced by optax.inject_hyperparams
+    # with stagger=True) cannot be compared at trace time: own group.
+    groups.setdefault(offset if isinstance(offset, int) else ("leaf", i),
+                      []).append((i, offset))
+  new_states = list(proj_states)
+  for entries in groups.values():
+    members = [i for i, _ in entries]
+    offset = entries[0][1]
+    refresh = (count == 0) | ((count + offset) % gap == 0)
+    mats = tuple(plans[i].to_matrix(leaves[i]) for i in members)
+
+    def do_refresh(states, mats=mats, members=members):
+      out = []
+      for i, gm, ps in zip(members, mats, states):
+        key = jax.random.fold_in(
+            jax.random.fold_in(base_key, plans[i].index), count)
+        out.append(config.projector.refresh(plans[i], gm, ps, count == 0, key))
+      return tuple(out)
+
+    states = jax.lax.cond(refresh, do_refresh, lambda states: states,
+                          tuple(proj_states[i] for i in members))
+    for i, st in zip(members, states):
+      new_states[i] = st
+      refresh_of[plans[i].index] = refresh
+  return tuple(new_states), refresh_of
+
+
 def subspace(
     inner: optax.GradientTransformation,
     config: ProjectionConfig,
@@ -292,11 +341,11 @@ def subspace(
           f"The updates have {len(leaves)} leaves but the state was"
           f" initialised for {len(state.inner)}.")
     count = state.count
-    base_key = jax.random.key(config.seed)
-    gap = config.update_proj_gap
+    pstates, refresh_of = _refresh_bases(config, leaves, plans, n_projected,
+                                         count, state.projector)
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
     for g, plan, pstate, istate, rstate in zip(
-        leaves, plans, state.projector, state.inner, state.residual):
+        leaves, plans, pstates, state.inner, state.residual):
       if plan is None:
         u, istate = full_rank_inner.update(g, istate, None, **extra_args)
         new_leaves.append(u)
@@ -314,15 +363,7 @@ def subspace(
         new_res.append(rstate)
         continue
 
-      offset = _refresh_offset(plan, n_projected, gap, config.stagger)
-      refresh = (count == 0) | ((count + offset) % gap == 0)
-      key = jax.random.fold_in(jax.random.fold_in(base_key, plan.index),
-                               count)
-      pstate = jax.lax.cond(
-          refresh,
-          lambda ps: config.projector.refresh(plan, gm, ps, count == 0, key),
-          lambda ps: ps,
-          pstate)
+      refresh = refresh_of[plan.index]
       if config.on_refresh == "reset":
         r_sharding, _ = _lowrank_shardings(plan, _sharding_of(g))
         fresh = inner.init(jax.ShapeDtypeStruct(plan.lowrank_shape, g.dtype,
