@@ -10,10 +10,11 @@ seed by seed, every method per seed, one after the other in this process; each
 writes its ``run.json`` and ``loss.png`` to ``<out>/<method>_s<seed>``.
 
 Methods: ``lro.galore(projector=p)`` for each ``--projectors`` entry (``svd`` is
-the exact reference; ``eigh``, ``randomized``, ``subspace_iteration`` are the
-fast ones) and, with ``--with-adamw`` (default), ``optax.adamw`` as a reference
-line. A ``+stagger`` suffix (``subspace_iteration+stagger``) runs the projector
-with ``stagger=True`` (each leaf refreshes at its own step of the period).
+the exact reference; ``eigh``, ``randomized``, ``subspace_iteration``,
+``dct`` are the fast ones) and, with ``--with-adamw`` (default), ``optax.adamw``
+as a reference line. A ``+stagger`` suffix (``subspace_iteration+stagger``) runs
+the projector with ``stagger=True`` (each leaf refreshes at its own step of
+the period); ``+rotate`` (``dct+rotate``) with ``on_refresh="rotate"``.
 
 Tables:
   equal steps      final held-out loss (mean ± std over seeds) and its ratio to
@@ -57,6 +58,7 @@ if _EXAMPLES not in sys.path:
   sys.path.insert(0, _EXAMPLES)
 import pretrain_lm  # noqa: E402
 
+QUALITY_FLAGS = ("", "stagger", "rotate")  # <projector>+<flag>; rotate: on_refresh="rotate" (dct)
 GUARD = 1.005  # fast projector's held-out loss <= 1.005 x svd's (within 0.5%, or better)
 
 # TrainConfig fields passed through as --flag (None: pretrain_lm's default).
@@ -167,7 +169,7 @@ def main(argv=None):
   avail = common.supported_projectors(lro)
   projectors = [p.strip() for p in args.projectors.split(",") if p.strip()]
   for p in projectors:
-    if p.partition("+")[0] not in common.LRO_PROJECTORS or p.partition("+")[2] not in ("", "stagger"):
+    if p.partition("+")[0] not in common.LRO_PROJECTORS or p.partition("+")[2] not in QUALITY_FLAGS:
       ap.error(f"unknown projector {p!r}; choose from {', '.join(common.LRO_PROJECTORS)}")
   methods: list[tuple[str, str, dict]] = []  # (name, label, TrainConfig overrides)
   for p in projectors:
@@ -176,9 +178,11 @@ def main(argv=None):
       print(f"[quality] skipping projector {p!r}: not available", file=sys.stderr)
       continue
     ov = {"optimizer": "galore", "projector": proj, "stagger": flag == "stagger"}
+    if flag == "rotate":
+      ov["on_refresh"] = "rotate"
     if args.lr is not None:
       ov["lr"] = args.lr
-    methods.append((p, f"lro.galore[{proj}{', stagger' if flag else ''}]", ov))
+    methods.append((p, f"lro.galore[{proj}{', ' + flag if flag else ''}]", ov))
   if args.with_adamw:
     ov = {"optimizer": "adamw"}
     if args.adamw_lr is not None:

@@ -70,6 +70,7 @@ class TrainConfig:
   galore_scale: float = 0.25
   projector: str = 'subspace_iteration'
   stagger: bool = False             # spread the leaves' refreshes over the period
+  on_refresh: str = 'keep'          # keep | reset | rotate (rotate: projector='dct' only)
   # Model.
   dim: int = 128
   n_layers: int = 4
@@ -129,7 +130,7 @@ def _adamw(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformat
 def _galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
   return lro.galore(learning_rate, rank=c.rank, update_proj_gap=c.update_proj_gap,
                     scale=c.galore_scale, projector=c.projector, stagger=c.stagger,
-                    weight_decay=c.weight_decay, seed=c.seed)
+                    on_refresh=c.on_refresh, weight_decay=c.weight_decay, seed=c.seed)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -413,9 +414,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                  help='steps between projector refreshes')
   p.add_argument('--galore-scale', type=float, default=d.galore_scale)
   p.add_argument('--projector', default=d.projector,
-                 help="svd | subspace_iteration | eigh | randomized")
+                 help="subspace_iteration | svd | eigh | randomized | dct")
   p.add_argument('--stagger', action='store_true',
                  help='spread the projected leaves\' refreshes evenly over the period')
+  p.add_argument('--on-refresh', default=d.on_refresh, choices=('keep', 'reset', 'rotate'),
+                 help="inner state at a refresh: keep (GaLore), reset, rotate (dct only)")
   p.add_argument('--dim', type=int, default=d.dim)
   p.add_argument('--n-layers', type=int, default=d.n_layers)
   p.add_argument('--n-heads', type=int, default=d.n_heads)

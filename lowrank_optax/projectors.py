@@ -44,6 +44,16 @@ Basis methods (``projector=`` argument):
   matrix (Modoranu et al.): the state is only the ``r`` selected indices per
   matrix (``int32``); the basis columns are computed from them when needed,
   never stored. See :func:`dct_matrix` and :func:`dct_select`.
+
+Precision. The products with the full gradient in ``randomized``,
+``subspace_iteration`` and ``dct`` (sketches, power steps, DCT scores) run at
+JAX's default matmul precision, like the steady-step projections: on GPUs
+with TF32 and on TPUs that is several times faster than float32 passes, and
+these methods only need the span (or the ranking) approximately. Set
+``jax.default_matmul_precision("highest")`` to change it. The ``r x r`` Grams
+of Cholesky-QR and the Gram of ``eigh`` (an exact method) always use
+``HIGHEST``, since orthonormality and the exact subspace depend on them. On
+CPU every float32 matmul is float32 anyway.
 """
 
 from __future__ import annotations
@@ -179,11 +189,11 @@ def randomized_basis(a: jax.Array, rank: int, key: jax.Array,
   d, n = a.shape[-2:]
   k = min(rank + oversample, d, n)
   omega = jax.random.normal(key, a.shape[:-2] + (n, k), a.dtype)
-  q, _ = jnp.linalg.qr(jnp.matmul(a, omega, precision=_HI))
+  q, _ = jnp.linalg.qr(jnp.matmul(a, omega))
   for _ in range(power_iters):
-    z, _ = jnp.linalg.qr(jnp.matmul(_mT(a), q, precision=_HI))
-    q, _ = jnp.linalg.qr(jnp.matmul(a, z, precision=_HI))
-  b = jnp.matmul(_mT(q), a, precision=_HI)  # (k, n)
+    z, _ = jnp.linalg.qr(jnp.matmul(_mT(a), q))
+    q, _ = jnp.linalg.qr(jnp.matmul(a, z))
+  b = jnp.matmul(_mT(q), a)  # (k, n)
   ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
   return jnp.matmul(q, ub[..., :, :rank], precision=_HI)
 
@@ -195,9 +205,8 @@ def subspace_iteration_basis(a: jax.Array, start: jax.Array,
     # The intermediate block only has to be well conditioned (the iteration
     # depends on its span), so one shifted Cholesky-QR pass is enough there;
     # the returned basis gets the full three passes.
-    z = orthonormalize(jnp.einsum("...dn,...dr->...nr", a, q, precision=_HI),
-                       passes=1)
-    return orthonormalize(jnp.einsum("...dn,...nr->...dr", a, z, precision=_HI))
+    z = orthonormalize(jnp.einsum("...dn,...dr->...nr", a, q), passes=1)
+    return orthonormalize(jnp.einsum("...dn,...nr->...dr", a, z))
   # fori_loop: ``iters`` may be a traced value (optax.inject_hyperparams).
   return jax.lax.fori_loop(0, iters, step, start)
 
@@ -295,7 +304,7 @@ def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
     column selection of ``dct_adamw.py``).
   """
   d = a.shape[-2]
-  s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a, precision=_HI)
+  s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a)
   if score not in DCT_SCORES:
     raise ValueError(f"Unknown DCT score {score!r}; expected one of {DCT_SCORES}.")
   if score == "l1":
@@ -461,6 +470,41 @@ class Projector:
     else:
       new = self._basis(a, state.basis, plan.rank, first, key)
     return BasisState(keep_if_bad(new, state.basis))
+
+  @staticmethod
+  def carry_over(plan: LeafPlan, x: jax.Array, old, new) -> jax.Array:
+    """Moves a low-rank array from the old DCT selection's slots to the new one's.
+
+    The map of the reference's ``rotate_subspace`` (DCT-AdamW): with ``P_old``
+    and ``P_new`` the selected DCT columns, ``Rot = P_new^T P_old``, which for
+    an orthonormal DCT is the 0/1 partial permutation ``Rot[i, j] =
+    [new_i == old_j]``: the entry of an index kept in both selections moves to
+    its new slot, and a newly selected index starts at 0. Applied to the side
+    of ``x`` (``plan.lowrank_shape``) that is projected. The reference also
+    takes ``|v Rot|`` for the second moment, which for a 0/1 ``Rot`` is the
+    same map.
+
+    Args:
+      plan: the leaf's plan.
+      x: a low-rank array (an inner-state moment).
+      old, new: the :class:`IndexState` (or :class:`TwoSidedIndexState`)
+        before and after the refresh.
+
+    Returns:
+      ``x`` in the new selection's slots.
+    """
+    def rot(n_idx, o_idx):  # (*batch, r, r)
+      return (n_idx[..., :, None] == o_idx[..., None, :]).astype(x.dtype)
+    if isinstance(new, TwoSidedIndexState):
+      rr = rot(new.row_indices, old.row_indices)
+      rc = rot(new.col_indices, old.col_indices)
+      return jnp.einsum("...ij,...jk,...lk->...il", rr, x, rc)
+    if not isinstance(new, IndexState):
+      raise TypeError("carry_over needs DCT index states.")
+    p = rot(new.indices, old.indices)
+    if plan.side == "reduction":  # x: (*batch, r, N)
+      return jnp.einsum("...ij,...jn->...in", p, x)
+    return jnp.einsum("...mj,...ij->...mi", x, p)  # x: (*batch, M, r)
 
   # -- maps -----------------------------------------------------------------
   @staticmethod

@@ -91,7 +91,8 @@ def galore(
     subspace_iters: iterations per refresh of ``subspace_iteration``.
     subspace_init_iters: iterations of its first (cold) refresh.
     on_refresh: ``keep`` the Adam moments and counter at a refresh (the
-      reference) or ``reset`` them.
+      reference), ``reset`` them, or (``projector="dct"``) ``rotate`` them:
+      moments of DCT columns kept across the refresh move to their new slots.
     dct_score: column score of the ``dct`` projector, ``"l1"`` (the
       reference) or ``"l2"``.
 

@@ -52,7 +52,7 @@ __all__ = [
     "ON_REFRESH",
 ]
 
-ON_REFRESH = ("keep", "reset")
+ON_REFRESH = ("keep", "reset", "rotate")
 
 
 class SubspaceState(NamedTuple):
@@ -200,7 +200,7 @@ def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
 
 
 def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
-                   count, proj_states):
+                   count, proj_states, inner_states):
   """Refreshes the bases of the leaves that refresh at this count.
 
   Leaves that refresh at the same steps (all of them without ``stagger``)
@@ -210,9 +210,15 @@ def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
   Each leaf's refresh is still its own computation: nothing is concatenated
   across leaves, so each basis keeps its own sharding.
 
+  With ``on_refresh="rotate"`` the refreshing leaves' low-rank inner-state
+  arrays are moved to the new selection's slots in the same branch
+  (:meth:`~lowrank_optax.Projector.carry_over`).
+
   Returns:
-    ``(projector states, {plan.index: traced bool refresh flag})``.
+    ``(projector states, inner states, {plan.index: traced bool refresh
+    flag})``.
   """
+  rotate = config.on_refresh == "rotate"
   gap = config.update_proj_gap
   base_key = jax.random.key(config.seed)
   groups: dict[int, list[int]] = {}
@@ -225,27 +231,41 @@ def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
     # with stagger=True) cannot be compared at trace time: own group.
     groups.setdefault(offset if isinstance(offset, int) else ("leaf", i),
                       []).append((i, offset))
-  new_states = list(proj_states)
+  new_states, new_inner = list(proj_states), list(inner_states)
   for entries in groups.values():
     members = [i for i, _ in entries]
     offset = entries[0][1]
     refresh = (count == 0) | ((count + offset) % gap == 0)
     mats = tuple(plans[i].to_matrix(leaves[i]) for i in members)
 
-    def do_refresh(states, mats=mats, members=members):
-      out = []
-      for i, gm, ps in zip(members, mats, states):
+    def do_refresh(operand, mats=mats, members=members):
+      states, inners = operand
+      out, out_inner = [], []
+      for i, gm, ps, ist in zip(members, mats, states, inners):
         key = jax.random.fold_in(
             jax.random.fold_in(base_key, plans[i].index), count)
-        out.append(config.projector.refresh(plans[i], gm, ps, count == 0, key))
-      return tuple(out)
+        new = config.projector.refresh(plans[i], gm, ps, count == 0, key)
+        if rotate:
+          shape = plans[i].lowrank_shape
+          ist = jax.tree.map(
+              lambda x, ps=ps, new=new, i=i: config.projector.carry_over(
+                  plans[i], x, ps, new)
+              if x.shape == shape and jnp.issubdtype(x.dtype, jnp.floating)
+              else x, ist)
+        out.append(new)
+        out_inner.append(ist)
+      return tuple(out), tuple(out_inner)
 
-    states = jax.lax.cond(refresh, do_refresh, lambda states: states,
-                          tuple(proj_states[i] for i in members))
-    for i, st in zip(members, states):
+    operand = (tuple(proj_states[i] for i in members),
+               tuple(inner_states[i] for i in members) if rotate
+               else (None,) * len(members))
+    states, inners = jax.lax.cond(refresh, do_refresh, lambda op: op, operand)
+    for i, st, ist in zip(members, states, inners):
       new_states[i] = st
+      if rotate:
+        new_inner[i] = ist
       refresh_of[plans[i].index] = refresh
-  return tuple(new_states), refresh_of
+  return tuple(new_states), tuple(new_inner), refresh_of
 
 
 def subspace(
@@ -269,7 +289,9 @@ def subspace(
   (``offset`` is 0, or spread over the period with ``stagger=True``), inside
   the jitted update via ``lax.cond``. With ``on_refresh='reset'`` the leaf's
   inner state is re-initialised at each of its refreshes (FRUGAL); with
-  ``'keep'`` (GaLore) it is left as it is. Leaves that are not projected run
+  ``'keep'`` (GaLore) it is left as it is; with ``'rotate'`` (DCT projector
+  only) its low-rank arrays follow the selected DCT columns to their new
+  slots. Leaves that are not projected run
   ``full_rank_inner`` (default ``inner``) on their full gradient, unscaled.
 
   Args:
@@ -341,11 +363,12 @@ def subspace(
           f"The updates have {len(leaves)} leaves but the state was"
           f" initialised for {len(state.inner)}.")
     count = state.count
-    pstates, refresh_of = _refresh_bases(config, leaves, plans, n_projected,
-                                         count, state.projector)
+    pstates, istates, refresh_of = _refresh_bases(
+        config, leaves, plans, n_projected, count, state.projector,
+        state.inner)
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
     for g, plan, pstate, istate, rstate in zip(
-        leaves, plans, pstates, state.inner, state.residual):
+        leaves, plans, pstates, istates, state.residual):
       if plan is None:
         u, istate = full_rank_inner.update(g, istate, None, **extra_args)
         new_leaves.append(u)
@@ -436,8 +459,11 @@ def galore_project(
       only), ``svd`` (the reference), ``eigh``, ``randomized``, or ``dct``
       (SVD-free selection of DCT columns; the state is ``r`` indices per
       matrix, no basis) (see :mod:`lowrank_optax.projectors`).
-    on_refresh: ``keep`` the inner state at a refresh (GaLore) or ``reset``
-      it (FRUGAL).
+    on_refresh: ``keep`` the inner state at a refresh (GaLore), ``reset``
+      it (FRUGAL), or ``rotate`` it (``projector="dct"`` only: the moments of
+      DCT columns selected before and after the refresh move to their new
+      slots, newly selected columns start at 0; the reference DCT-AdamW's
+      ``rotate_subspace``).
     stagger: spread the leaves' refreshes evenly over the period, so that no
       single step pays for all of them (the first step still refreshes all).
     dimension_numbers: matrix views (:class:`~lowrank_optax.MatrixView`, a
@@ -481,6 +507,11 @@ def galore_project(
   if on_refresh not in ON_REFRESH:
     raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected one of"
                      f" {ON_REFRESH}.")
+  if on_refresh == "rotate" and projector != "dct":
+    raise ValueError(
+        "on_refresh='rotate' moves the moments of the DCT columns kept across"
+        " a refresh to their new slots; it needs projector='dct' (for a basis"
+        f" projector use 'keep' or 'reset'), got projector={projector!r}.")
   proj = projectors_lib.Projector(method=projector, iters=subspace_iters,
                                   init_iters=subspace_init_iters,
                                   dct_score=dct_score)

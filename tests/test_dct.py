@@ -119,12 +119,17 @@ def test_l2_selection_is_the_best_column_subset():  # D4
 # ------------------------------------------------- GaLore with DCT, end to end
 
 
-def galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score="l1"):
-  """float64 GaLore-AdamW (HF Adam, moments kept) with DCT column selection.
+def galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score="l1",
+                         rotate=False):
+  """float64 GaLore-AdamW (HF Adam) with DCT column selection.
 
   Written in PyTorch layout W = K^T (out, in): right (N = cols) if
   rows >= cols, else left (N = rows); refresh at 0-based steps 0, T, 2T, ...;
-  indices sorted ascending. Leading axes of a kernel are layers.
+  indices sorted ascending. Leading axes of a kernel are layers. Moments are
+  kept at a refresh, or with ``rotate`` mapped as the reference's
+  ``rotate_subspace``: right ``m <- m Rot``, ``v <- |v Rot|`` with
+  ``Rot = P_prev^T P_cur``; left ``m <- Rot m``, ``v <- |Rot v|`` with
+  ``Rot = P_cur^T P_prev`` (P = the selected DCT columns, float64).
   """
   b1, b2 = 0.9, 0.999
   out = []
@@ -152,7 +157,18 @@ def galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score="l1"):
           s = g @ c if right else c.T @ g
           axis = 0 if right else 1  # score the columns / rows of S
           sc = np.abs(s).sum(axis) if score == "l1" else (s ** 2).sum(axis)
+          prev = st["idx"][i]
           st["idx"][i] = np.sort(np.argsort(-sc)[:r])
+          if rotate and prev is not None:
+            p_prev, p_cur = c[:, prev], c[:, st["idx"][i]]
+            if right:
+              rot = p_prev.T @ p_cur
+              st["m"][ix] = st["m"][ix] @ rot
+              st["v"][ix] = np.abs(st["v"][ix] @ rot)
+            else:
+              rot = p_cur.T @ p_prev
+              st["m"][ix] = rot @ st["m"][ix]
+              st["v"][ix] = np.abs(rot @ st["v"][ix])
         p = c[:, st["idx"][i]]
         low = g @ p if right else p.T @ g
         st["m"][ix] = b1 * st["m"][ix] + (1 - b1) * low
@@ -166,8 +182,9 @@ def galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score="l1"):
   return out
 
 
-@pytest.mark.parametrize("score", ["l1", "l2"])
-def test_galore_dct_matches_float64_reference(score):
+@pytest.mark.parametrize("score,rotate", [("l1", False), ("l2", False),
+                                          ("l1", True)])
+def test_galore_dct_matches_float64_reference(score, rotate):
   rng = np.random.default_rng(3)
   shapes = {"attn_sq": (12, 12), "mlp_up": (12, 20), "mlp_down": (20, 12),
             "stacked_mlp": (2, 10, 14)}
@@ -176,16 +193,55 @@ def test_galore_dct_matches_float64_reference(score):
   grads_seq = [{k: rng.standard_normal(s).astype(np.float32)
                 for k, s in shapes.items()} for _ in range(steps)]
   tx = lro.galore(lr, rank=r, update_proj_gap=gap, scale=scale, eps=eps,
-                  projector="dct", dct_score=score)
+                  projector="dct", dct_score=score,
+                  on_refresh="rotate" if rotate else "keep")
   state = tx.init(params)
   update = jax.jit(tx.update)
-  want = galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score)
+  want = galore_dct_reference(grads_seq, r, gap, lr, scale, eps, score,
+                              rotate)
   for t in range(steps):
     g = jax.tree.map(jnp.asarray, grads_seq[t])
     u, state = update(g, state, params)
     for k in shapes:
       np.testing.assert_allclose(np.asarray(u[k], np.float64), want[t][k],
                                  rtol=2e-4, atol=1e-7, err_msg=f"{k} step {t}")
+
+
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_carry_over_is_the_partial_permutation_of_kept_columns(proj_type):
+  # D5: Rot = P_new^T P_old from float64 DCT columns is 0/1 with at most one
+  # 1 per row and column, and carry_over applies exactly that map.
+  d_in, d_out, r = 12, 10, 4
+  plan, = lro.plan_leaves({"w": jnp.zeros((d_in, d_out))}, r, proj_type)
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal(plan.lowrank_shape)
+  old_i, new_i = np.array([0, 3, 5, 9]), np.array([1, 3, 8, 9])
+  old_o, new_o = np.array([2, 4, 6, 7]), np.array([2, 5, 6, 7])
+
+  def rot(d, new, old):
+    m = dct_f64(d)[:, new].T @ dct_f64(d)[:, old]
+    np.testing.assert_allclose(m, np.round(m), atol=1e-12)
+    assert (np.round(m).sum(0) <= 1).all() and (np.round(m).sum(1) <= 1).all()
+    return m
+
+  if proj_type == "full":
+    old = lro.TwoSidedIndexState(jnp.asarray(old_i), jnp.asarray(old_o))
+    new = lro.TwoSidedIndexState(jnp.asarray(new_i), jnp.asarray(new_o))
+    want = rot(d_in, new_i, old_i) @ x @ rot(d_out, new_o, old_o).T
+  else:
+    d = d_out if plan.side == "output" else d_in
+    o, n = (old_o, new_o) if plan.side == "output" else (old_i, new_i)
+    old, new = lro.IndexState(jnp.asarray(o)), lro.IndexState(jnp.asarray(n))
+    m = rot(d, n, o)
+    want = x @ m.T if plan.side == "output" else m @ x
+  got = lro.Projector("dct").carry_over(plan, jnp.asarray(x, jnp.float32),
+                                        old, new)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_rotate_needs_the_dct_projector():
+  with pytest.raises(ValueError, match="projector='dct'"):
+    lro.galore_project(4, projector="svd", on_refresh="rotate")
 
 
 def test_state_is_int32_indices_only():
