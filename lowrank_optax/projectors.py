@@ -145,6 +145,38 @@ def _mT(x):
   return jnp.swapaxes(x, -1, -2)
 
 
+def _one_matrix_at_a_time_on_cpu(fn, *xs):
+  """``fn`` on ``(*batch, ., .)`` arrays; on CPU a ``lax.map`` over the batch.
+
+  Works around an XLA:CPU hang (jaxlib 0.10.2): when one jitted program holds
+  two or more *batched* Cholesky or triangular-solve calls that can run
+  concurrently (two stacked leaves, each refreshing), execution can deadlock
+  on a small host thread pool. It reproduces with one device on 2 cores for
+  ``(2, 512, 128)`` operands (``tests/test_cpu_hang.py``); unbatched calls,
+  and batched QR / SVD / eigh, do not hang. ``lax.platform_dependent`` keeps
+  the batched call on GPU and TPU.
+  """
+  batch = xs[0].shape[:-2]
+  if not batch:
+    return fn(*xs)
+
+  def per_matrix(*xs):
+    flat = tuple(x.reshape((-1,) + x.shape[-2:]) for x in xs)
+    out = jax.lax.map(lambda args: fn(*args), flat)
+    return out.reshape(batch + out.shape[-2:])
+
+  return jax.lax.platform_dependent(*xs, cpu=per_matrix, default=fn)
+
+
+def _cholesky(a):
+  return _one_matrix_at_a_time_on_cpu(jnp.linalg.cholesky, a)
+
+
+def _solve_lower(l, b):
+  return _one_matrix_at_a_time_on_cpu(
+      lambda l, b: jax.scipy.linalg.solve_triangular(l, b, lower=True), l, b)
+
+
 def orthonormalize(y: jax.Array, passes: int = 3) -> jax.Array:
   """Orthonormalises the columns of ``y`` (``(*batch, d, r)``) by shifted Cholesky-QR.
 
@@ -164,9 +196,9 @@ def orthonormalize(y: jax.Array, passes: int = 3) -> jax.Array:
     if i == 0:
       shift = 1e-5 * jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None] + 1e-30
       gram = gram + shift * eye
-    chol = jnp.linalg.cholesky(gram)
+    chol = _cholesky(gram)
     # y <- y L^{-T}:  solve L X^T = y^T.
-    y = _mT(jax.scipy.linalg.solve_triangular(chol, _mT(y), lower=True))
+    y = _mT(_solve_lower(chol, _mT(y)))
   return y
 
 

@@ -221,7 +221,7 @@ def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
   rotate = config.on_refresh == "rotate"
   gap = config.update_proj_gap
   base_key = jax.random.key(config.seed)
-  groups: dict[int, list[int]] = {}
+  groups: dict[Any, list[tuple[int, Any]]] = {}  # offset -> [(leaf, offset)]
   refresh_of = {}
   for i, plan in enumerate(plans):
     if plan is None or plan.rank == 0:
