@@ -199,73 +199,44 @@ def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
   return (plan.index * gap) // n_projected
 
 
-def _refresh_bases(config: ProjectionConfig, leaves, plans, n_projected,
-                   count, proj_states, inner_states):
-  """Refreshes the bases of the leaves that refresh at this count.
+def _refresh_leaf(config: ProjectionConfig, plan: policy_lib.LeafPlan, gm,
+                  pstate, istate, count, n_projected):
+  """Refreshes one leaf's basis if it refreshes at this count.
 
-  Leaves that refresh at the same steps (all of them without ``stagger``)
-  share **one** ``lax.cond``: the steady step evaluates one predicate per
-  refresh group instead of one per leaf (on GPUs a conditional reads its
-  predicate on the host), and the refresh work of a group sits in one branch.
-  Each leaf's refresh is still its own computation: nothing is concatenated
-  across leaves, so each basis keeps its own sharding.
+  One ``lax.cond`` per leaf, whose operands are that leaf's gradient and
+  state only. A single cond over all leaves (tried: one predicate per step
+  instead of one per leaf) makes every refresh wait for every gradient, so a
+  training step can no longer apply a layer's update as soon as its gradient
+  exists: at LLaMA-1B shapes it raised the compiled training step's temp
+  from 2.36 GiB to 6.63 GiB (benchmarks/RESULTS.md).
 
-  With ``on_refresh="rotate"`` the refreshing leaves' low-rank inner-state
-  arrays are moved to the new selection's slots in the same branch
+  With ``on_refresh="rotate"`` the leaf's low-rank inner-state arrays are
+  moved to the new selection's slots in the same branch
   (:meth:`~lowrank_optax.Projector.carry_over`).
 
   Returns:
-    ``(projector states, inner states, {plan.index: traced bool refresh
-    flag})``.
+    ``(projector state, inner state, traced bool refresh flag)``.
   """
-  rotate = config.on_refresh == "rotate"
   gap = config.update_proj_gap
-  base_key = jax.random.key(config.seed)
-  groups: dict[Any, list[tuple[int, Any]]] = {}  # offset -> [(leaf, offset)]
-  refresh_of = {}
-  for i, plan in enumerate(plans):
-    if plan is None or plan.rank == 0:
-      continue
-    offset = _refresh_offset(plan, n_projected, gap, config.stagger)
-    # A traced offset (update_proj_gap traced by optax.inject_hyperparams
-    # with stagger=True) cannot be compared at trace time: own group.
-    groups.setdefault(offset if isinstance(offset, int) else ("leaf", i),
-                      []).append((i, offset))
-  new_states, new_inner = list(proj_states), list(inner_states)
-  for entries in groups.values():
-    members = [i for i, _ in entries]
-    offset = entries[0][1]
-    refresh = (count == 0) | ((count + offset) % gap == 0)
-    mats = tuple(plans[i].to_matrix(leaves[i]) for i in members)
+  offset = _refresh_offset(plan, n_projected, gap, config.stagger)
+  refresh = (count == 0) | ((count + offset) % gap == 0)
+  key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(config.seed), plan.index), count)
+  rotate = config.on_refresh == "rotate"
 
-    def do_refresh(operand, mats=mats, members=members):
-      states, inners = operand
-      out, out_inner = [], []
-      for i, gm, ps, ist in zip(members, mats, states, inners):
-        key = jax.random.fold_in(
-            jax.random.fold_in(base_key, plans[i].index), count)
-        new = config.projector.refresh(plans[i], gm, ps, count == 0, key)
-        if rotate:
-          shape = plans[i].lowrank_shape
-          ist = jax.tree.map(
-              lambda x, ps=ps, new=new, i=i: config.projector.carry_over(
-                  plans[i], x, ps, new)
-              if x.shape == shape and jnp.issubdtype(x.dtype, jnp.floating)
-              else x, ist)
-        out.append(new)
-        out_inner.append(ist)
-      return tuple(out), tuple(out_inner)
+  def do_refresh(operand):
+    ps, ist = operand
+    new = config.projector.refresh(plan, gm, ps, count == 0, key)
+    if rotate:
+      ist = jax.tree.map(
+          lambda x: config.projector.carry_over(plan, x, ps, new)
+          if (x.shape == plan.lowrank_shape
+              and jnp.issubdtype(x.dtype, jnp.floating)) else x, ist)
+    return new, ist
 
-    operand = (tuple(proj_states[i] for i in members),
-               tuple(inner_states[i] for i in members) if rotate
-               else (None,) * len(members))
-    states, inners = jax.lax.cond(refresh, do_refresh, lambda op: op, operand)
-    for i, st, ist in zip(members, states, inners):
-      new_states[i] = st
-      if rotate:
-        new_inner[i] = ist
-      refresh_of[plans[i].index] = refresh
-  return tuple(new_states), tuple(new_inner), refresh_of
+  pstate, rotated = jax.lax.cond(refresh, do_refresh, lambda op: op,
+                                 (pstate, istate if rotate else None))
+  return pstate, (rotated if rotate else istate), refresh
 
 
 def subspace(
@@ -363,12 +334,9 @@ def subspace(
           f"The updates have {len(leaves)} leaves but the state was"
           f" initialised for {len(state.inner)}.")
     count = state.count
-    pstates, istates, refresh_of = _refresh_bases(
-        config, leaves, plans, n_projected, count, state.projector,
-        state.inner)
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
     for g, plan, pstate, istate, rstate in zip(
-        leaves, plans, pstates, istates, state.residual):
+        leaves, plans, state.projector, state.inner, state.residual):
       if plan is None:
         u, istate = full_rank_inner.update(g, istate, None, **extra_args)
         new_leaves.append(u)
@@ -386,7 +354,8 @@ def subspace(
         new_res.append(rstate)
         continue
 
-      refresh = refresh_of[plan.index]
+      pstate, istate, refresh = _refresh_leaf(config, plan, gm, pstate,
+                                              istate, count, n_projected)
       if config.on_refresh == "reset":
         r_sharding, _ = _lowrank_shardings(plan, _sharding_of(g))
         fresh = inner.init(jax.ShapeDtypeStruct(plan.lowrank_shape, g.dtype,
