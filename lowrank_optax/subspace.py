@@ -281,8 +281,8 @@ def subspace(
     ...                   lro.ProjectionConfig(rank=2, update_proj_gap=10))
     >>> params = {"w": jnp.ones((8, 6)), "b": jnp.ones((6,))}
     >>> state = tx.init(params)
-    >>> state.inner[1].mu.shape  # "w": its 8x6 gradient is reduced to 2x6
-    (2, 6)
+    >>> state.inner[1].mu.shape  # "w" (in 8, out 6): the smaller axis, 6 -> 2
+    (8, 2)
   """
   inner = optax.with_extra_args_support(inner)
   full_rank_inner = optax.with_extra_args_support(
