@@ -248,6 +248,12 @@ def subspace_iteration_basis(a: jax.Array, start: jax.Array,
 DCT_MAX_DIM = 46340
 
 
+def _check_dct_size(d: int) -> None:
+  if not 1 <= d <= DCT_MAX_DIM:
+    raise ValueError(f"The DCT projector supports matrix dimensions up to"
+                     f" {DCT_MAX_DIM}; got {d}.")
+
+
 @functools.lru_cache(maxsize=None)
 def _cos_table(d: int) -> np.ndarray:
   return np.cos(np.arange(4 * d) * (np.pi / (2 * d))).astype(np.float32)
@@ -292,9 +298,7 @@ def dct_matrix(d: int, indices: Optional[jax.Array] = None,
     https://github.com/IST-DASLab/ISTA-DASLab-Optimizers
     (``ista_daslab_optimizers/utils/dct.py``).
   """
-  if not 1 <= d <= DCT_MAX_DIM:
-    raise ValueError(f"The DCT projector supports matrix dimensions up to"
-                     f" {DCT_MAX_DIM}; got {d}.")
+  _check_dct_size(d)
   if indices is None:
     indices = jnp.arange(d, dtype=jnp.int32)
   k = jnp.arange(d, dtype=jnp.uint32)[:, None]
@@ -335,10 +339,10 @@ def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
     (``ista_daslab_optimizers/fft_low_rank/fft_projector.py``, the dynamic
     column selection of ``dct_adamw.py``).
   """
-  d = a.shape[-2]
-  s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a)
   if score not in DCT_SCORES:
     raise ValueError(f"Unknown DCT score {score!r}; expected one of {DCT_SCORES}.")
+  d = a.shape[-2]
+  s = jnp.einsum("dk,...dn->...kn", dct_matrix(d), a)
   if score == "l1":
     scores = jnp.sum(jnp.abs(s), axis=-1)
   else:
@@ -425,7 +429,7 @@ class Projector:
   def _init_indices(self, plan: LeafPlan, shardings=None):
     sh = shardings or {}
     def start(d, sharding):
-      dct_matrix(d, jnp.zeros((1,), jnp.int32))  # checks d
+      _check_dct_size(d)
       x = jnp.broadcast_to(jnp.arange(plan.rank, dtype=jnp.int32),
                            plan.batch_shape + (plan.rank,))
       return jax.device_put(x, sharding) if sharding is not None else x
