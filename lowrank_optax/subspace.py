@@ -98,6 +98,22 @@ class ProjectionConfig:
   exclude: Optional[str] = policy_lib.DEFAULT_EXCLUDE
   seed: int = 0
 
+  def __post_init__(self):
+    if self.on_refresh not in ON_REFRESH:
+      raise ValueError(f"Unknown on_refresh {self.on_refresh!r}; expected one"
+                       f" of {ON_REFRESH}.")
+    if self.on_refresh == "rotate" and self.projector.method != "dct":
+      raise ValueError(
+          "on_refresh='rotate' moves the moments of the DCT columns kept"
+          " across a refresh to their new slots; it needs projector='dct' (for"
+          " a basis projector use 'keep' or 'reset'), got"
+          f" projector={self.projector.method!r}.")
+
+  def leaf_key(self, plan: policy_lib.LeafPlan) -> jax.Array:
+    """The leaf's PRNG key: its projector's start at init; folded with the
+    count for the sketches of each refresh."""
+    return jax.random.fold_in(jax.random.key(self.seed), plan.index)
+
   def plans(self, params, allow_zero_rank=False):
     return policy_lib.plan_leaves(params, self.rank, self.proj_type,
                                   self.dimension_numbers, self.exclude,
@@ -220,8 +236,7 @@ def _refresh_leaf(config: ProjectionConfig, plan: policy_lib.LeafPlan, gm,
   gap = config.update_proj_gap
   offset = _refresh_offset(plan, n_projected, gap, config.stagger)
   refresh = (count == 0) | ((count + offset) % gap == 0)
-  key = jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(config.seed), plan.index), count)
+  key = jax.random.fold_in(config.leaf_key(plan), count)
   rotate = config.on_refresh == "rotate"
 
   def do_refresh(operand):
@@ -318,7 +333,7 @@ def subspace(
       inner_states.append(inner.init(proxy))
       proj_states.append(config.projector.init(
           plan, leaf.dtype, basis_shardings,
-          key=jax.random.fold_in(jax.random.key(config.seed), plan.index)))
+          key=config.leaf_key(plan)))
     return _on_params_mesh(
         SubspaceState(count=jnp.zeros([], jnp.int32),
                       projector=tuple(proj_states),
@@ -473,14 +488,6 @@ def galore_project(
       and (update_proj_gap != int(update_proj_gap) or update_proj_gap < 1)):
     raise ValueError(f"update_proj_gap must be a positive int, got"
                      f" {update_proj_gap!r}.")
-  if on_refresh not in ON_REFRESH:
-    raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected one of"
-                     f" {ON_REFRESH}.")
-  if on_refresh == "rotate" and projector != "dct":
-    raise ValueError(
-        "on_refresh='rotate' moves the moments of the DCT columns kept across"
-        " a refresh to their new slots; it needs projector='dct' (for a basis"
-        f" projector use 'keep' or 'reset'), got projector={projector!r}.")
   proj = projectors_lib.Projector(method=projector, iters=subspace_iters,
                                   init_iters=subspace_init_iters,
                                   dct_score=dct_score)

@@ -242,6 +242,8 @@ def test_carry_over_is_the_partial_permutation_of_kept_columns(proj_type):
 def test_rotate_needs_the_dct_projector():
   with pytest.raises(ValueError, match="projector='dct'"):
     lro.galore_project(4, projector="svd", on_refresh="rotate")
+  with pytest.raises(ValueError, match="projector='dct'"):  # lro.subspace users
+    lro.ProjectionConfig(rank=4, on_refresh="rotate")
 
 
 def test_state_is_int32_indices_only():
