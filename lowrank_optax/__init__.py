@@ -18,6 +18,7 @@ from lowrank_optax.policy import DEFAULT_EXCLUDE
 from lowrank_optax.policy import LeafPlan
 from lowrank_optax.policy import MatrixView
 from lowrank_optax.policy import plan_leaves
+from lowrank_optax import projectors
 from lowrank_optax.projectors import BasisState
 from lowrank_optax.projectors import dct_matrix
 from lowrank_optax.projectors import dct_select
@@ -26,13 +27,17 @@ from lowrank_optax.projectors import Projector
 from lowrank_optax.projectors import TwoSidedBasisState
 from lowrank_optax.projectors import TwoSidedIndexState
 from lowrank_optax.recipes import galore
+from lowrank_optax.residual import Closer
+from lowrank_optax.residual import CloseContext
 from lowrank_optax.residual import sgd_residual
 from lowrank_optax.residual import sign_residual
 from lowrank_optax.subspace import back_project
+from lowrank_optax.sharding import state_shardings
 from lowrank_optax.subspace import chain
 from lowrank_optax.subspace import galore_project
 from lowrank_optax.subspace import ProjectionConfig
 from lowrank_optax.subspace import ProjectionElement
+from lowrank_optax.subspace import reset_moments
 from lowrank_optax.subspace import subspace
 from lowrank_optax.subspace import SubspaceOnlyTransformation
 from lowrank_optax.subspace import SubspaceState

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+FRACTION_OF = ("min", "reduced")
 
 #: Paths matching this (case-insensitive ``re.search``) pass through at full
 #: rank under the default policy: the reference scripts never project
@@ -92,6 +93,13 @@ class LeafPlan:
   rank: int
   side: str
   index: int = 0
+  sharding: Any = None
+
+  def with_sharding(self, sharding) -> "LeafPlan":
+    """This plan with a :class:`~lowrank_optax.sharding.MatrixSharding` (or None)."""
+    if sharding == self.sharding:
+      return self
+    return dataclasses.replace(self, sharding=sharding)
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
@@ -112,18 +120,30 @@ class LeafPlan:
     order = self.batch_axes + self.reduction_axes + self.output_axes
     return order != tuple(range(len(self.shape)))
 
+  def _reshape(self, x, shape, spec):
+    ms = self.sharding
+    if ms is not None and ms.explicit and x.shape != tuple(shape):
+      # Explicit meshes name the result's sharding where axes merge / split.
+      out = jax.sharding.NamedSharding(ms.mesh, jax.sharding.PartitionSpec(*spec))
+      return jax.lax.reshape(x, tuple(shape), out_sharding=out)
+    return x.reshape(shape)
+
   def to_matrix(self, x):
     """``x`` (leaf shape) -> ``(*batch, M, N)``."""
     order = self.batch_axes + self.reduction_axes + self.output_axes
     if self.needs_transpose:
       x = x.transpose(order)
-    return x.reshape(self.batch_shape + (self.rows, self.cols))
+    ms = self.sharding
+    spec = None if ms is None else (*ms.batch, ms.rows, ms.cols)
+    return self._reshape(x, self.batch_shape + (self.rows, self.cols), spec)
 
   def from_matrix(self, x):
     """``(*batch, M, N)`` -> leaf shape (inverse of :meth:`to_matrix`)."""
     order = self.batch_axes + self.reduction_axes + self.output_axes
     moved = tuple(self.shape[a] for a in order)
-    x = x.reshape(moved)
+    ms = self.sharding
+    spec = None if ms is None else tuple(ms.leaf_spec[a] for a in order)
+    x = self._reshape(x, moved, spec)
     if self.needs_transpose:
       x = x.transpose(tuple(sorted(range(len(order)), key=order.__getitem__)))
     return x
@@ -279,6 +299,7 @@ def plan_leaves(
     dimension_numbers: ViewSpec = None,
     exclude: Optional[str] = DEFAULT_EXCLUDE,
     allow_zero_rank: bool = False,
+    fraction_of: str = "min",
 ) -> list[Optional[LeafPlan]]:
   """Resolves the policy into one :class:`LeafPlan` (or ``None``) per leaf.
 
@@ -304,11 +325,18 @@ def plan_leaves(
       callable ``(path, leaf) -> MatrixView | None``.
     exclude: regex of paths that pass through under int / fraction policies.
     allow_zero_rank: accept rank 0 (only with a residual rule).
+    fraction_of: what a float rank is a fraction of: ``"min"``, the smaller
+      matrix dimension (default), or ``"reduced"``, the dimension that the
+      side rule reduces (FRUGAL's ``round(rho * n)`` for the right side,
+      ``round(rho * m)`` for the left, ``round(rho * min(m, n))`` for full).
 
   Returns:
     A list with one entry per leaf in ``jax.tree.leaves`` order.
   """
   check_proj_type(proj_type)
+  if fraction_of not in FRACTION_OF:
+    raise ValueError(f"Unknown fraction_of {fraction_of!r}; expected one of"
+                     f" {FRACTION_OF}.")
   leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   plans: list[Optional[LeafPlan]] = []
   n_projected = 0
@@ -350,7 +378,8 @@ def plan_leaves(
     cols = math.prod(shape[a] for a in out)
     side = _side(proj_type, rows, cols)
     reduced = {"reduction": rows, "output": cols, "both": min(rows, cols)}[side]
-    r = _resolve_rank(leaf_rank, min(rows, cols))
+    r = _resolve_rank(leaf_rank,
+                      reduced if fraction_of == "reduced" else min(rows, cols))
     if explicit_rank:
       r = min(r, reduced)
     elif r >= min(rows, cols):

@@ -16,19 +16,88 @@ after the closer scales both parts, as in FRUGAL.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+import numbers
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["ResidualRule", "ResidualElement", "sign_residual", "sgd_residual",
-           "DROP"]
+__all__ = ["Closer", "CloseContext", "BackProjection", "ResidualRule",
+           "ResidualElement", "residual_of", "sign_residual", "sgd_residual",
+           "DROP", "BACK_PROJECTION"]
+
+
+class CloseContext(NamedTuple):
+  """What a closer sees of one projected leaf (inside the jitted update).
+
+  Attributes:
+    plan: the leaf's plan.
+    g: the gradient as a matrix ``(*batch, M, N)``.
+    lowrank: the low-rank gradient ``R = down(G)``; ``None`` for rank 0 (an
+      empty subspace).
+    inner: the inner transform's output ``N`` (low-rank); ``None`` for rank 0.
+    up: maps a low-rank array to ``(*batch, M, N)`` with the current basis.
+    scale: the projection's ``alpha``.
+  """
+
+  plan: Any
+  g: jax.Array
+  lowrank: Optional[jax.Array]
+  inner: Optional[jax.Array]
+  up: Callable[[jax.Array], jax.Array]
+  scale: Any
+
+
+def _scaled(scale, x):
+  if isinstance(scale, numbers.Real) and scale == 1.0:
+    return x
+  return scale * x
+
+
+class Closer:
+  """Closes the subspace of :func:`~lowrank_optax.chain` with a full-space term.
+
+  A closer is static configuration; its per-leaf state (``init``) is a pytree
+  of arrays or ``optax.MaskedNode()``. ``role`` is ``"map_back"`` (how the
+  subspace result returns: :func:`~lowrank_optax.back_project`, the default)
+  or ``"residual"`` (a term from ``E = G - up(down(G))``). A chain holds at
+  most one of each; the leaf's update is the sum of their terms.
+  """
+
+  role: ClassVar[str] = "residual"
+
+  def init(self, plan, dtype):
+    del plan, dtype
+    return optax.MaskedNode()
+
+  def apply(self, ctx: CloseContext, state):
+    """Returns ``(term, state)``; ``term`` is ``(*batch, M, N)`` or ``None``."""
+    raise NotImplementedError
+
+
+def residual_of(ctx: CloseContext, scale: Any = 1.0) -> jax.Array:
+  """``E = G - scale * up(R)`` (``G`` itself for rank 0), in ``G``'s dtype."""
+  if ctx.lowrank is None:
+    return ctx.g
+  return ctx.g - _scaled(scale, ctx.up(ctx.lowrank)).astype(ctx.g.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class ResidualRule:
-  """A residual rule (static config); stateless rules keep ``MaskedNode`` state.
+class BackProjection(Closer):
+  """``alpha * up(N)``: the subspace direction mapped back (GaLore)."""
+
+  role = "map_back"
+
+  def apply(self, ctx, state):
+    if ctx.inner is None:
+      return None, state
+    return _scaled(ctx.scale, ctx.up(ctx.inner)), state
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualRule(Closer):
+  """A state-free residual rule (static config).
 
   Attributes:
     kind: ``"drop"``, ``"sign"`` or ``"sgd"``.
@@ -38,51 +107,32 @@ class ResidualRule:
   kind: str = "drop"
   scale: float = 1.0
 
-  def init(self, plan, dtype):
-    del plan, dtype
-    return optax.MaskedNode()
+  def __post_init__(self):
+    if self.kind not in ("drop", "sign", "sgd"):
+      raise ValueError(f"Unknown residual rule {self.kind!r}; expected"
+                       " 'drop', 'sign' or 'sgd'.")
 
-  def apply(self, plan, g, project_back: Optional[Callable[[], jax.Array]],
-            update, state):
-    """Adds the residual term to ``update``.
-
-    Args:
-      plan: the leaf's plan.
-      g: the gradient matrix ``(*batch, M, N)``.
-      project_back: returns ``up(down(G))``; ``None`` for a rank-0 leaf
-        (empty subspace: ``E = G``).
-      update: the mapped-back subspace update (``None`` for rank 0).
-      state: the rule's state.
-
-    Returns:
-      ``(update + term, state)``.
-    """
-    del plan
+  def apply(self, ctx, state):
     if self.kind == "drop":
-      return update, state
-    if project_back is None:
-      e = g
-    else:
-      e = g - project_back().astype(g.dtype)
+      return None, state
+    e = residual_of(ctx)
     term = jnp.sign(e) if self.kind == "sign" else e
-    if not (isinstance(self.scale, (int, float)) and self.scale == 1.0):
-      term = self.scale * term
-    term = term.astype(g.dtype)
-    return (term if update is None else update + term), state
+    return _scaled(self.scale, term).astype(ctx.g.dtype), state
 
 
 DROP = ResidualRule("drop")
+BACK_PROJECTION = BackProjection()
 
 
 @dataclasses.dataclass(frozen=True)
 class ResidualElement:
-  """A closer for :func:`~lowrank_optax.chain` (``rule=None`` drops the residual).
+  """A closer for :func:`~lowrank_optax.chain`.
 
   Like the projection element, it fails with a clear message if it is used in
   ``optax.chain`` directly.
   """
 
-  rule: Optional[ResidualRule]
+  rule: Closer
 
   def init(self, params):
     raise TypeError("Residual / back_project elements close a subspace opened"

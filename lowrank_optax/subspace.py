@@ -39,6 +39,7 @@ from optax._src import numerics
 from lowrank_optax import policy as policy_lib
 from lowrank_optax import projectors as projectors_lib
 from lowrank_optax import residual as residual_lib
+from lowrank_optax import sharding as shd
 
 __all__ = [
     "SubspaceState",
@@ -64,8 +65,8 @@ class SubspaceState(NamedTuple):
       projector state of a projected leaf, ``optax.MaskedNode()`` otherwise.
     inner: one entry per leaf: the inner transform's state (low-rank for
       projected leaves, full-rank otherwise).
-    residual: one entry per leaf: the residual rule's state, or
-      ``optax.MaskedNode()``.
+    residual: one entry per leaf: the closers' state (a pair ``(map-back,
+      residual)``), or ``optax.MaskedNode()``.
   """
 
   count: jax.Array
@@ -85,29 +86,56 @@ class SubspaceOnlyTransformation(optax.GradientTransformationExtraArgs):
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionConfig:
-  """Everything that defines a projection (static; see :func:`galore_project`)."""
+  """Everything that defines a projection (static; see :func:`galore_project`).
+
+  Attributes:
+    rank, update_proj_gap, scale, proj_type, on_refresh, stagger,
+      dimension_numbers, exclude, seed: as in :func:`galore_project`.
+    projector: a :class:`~lowrank_optax.projectors.Projector` instance.
+    refresh_offset: added to every leaf's refresh offset: leaves refresh at
+      count 0 and where ``(count + offset) % update_proj_gap == 0``; ``1``
+      gives DCT-AdamW's cadence ``t == 1 or t % T == 0`` (``t = count + 1``).
+    fraction_of: what a float rank is a fraction of: ``"min"`` (the smaller
+      matrix dimension) or ``"reduced"`` (the reduced side's, FRUGAL's rule).
+    state_dtype: dtype of the low-rank gradient and of the inner state
+      created from it (default: the parameter's).
+    basis_dtype: dtype of stored bases (default: the parameter's).
+  """
 
   rank: Any = 128
   update_proj_gap: int = 200
   scale: float = 1.0
   proj_type: str = "std"
-  projector: projectors_lib.Projector = projectors_lib.Projector()
+  projector: projectors_lib.Projector = dataclasses.field(
+      default_factory=projectors_lib.SubspaceIterationProjector)
   on_refresh: str = "keep"
   stagger: bool = False
   dimension_numbers: Any = None
   exclude: Optional[str] = policy_lib.DEFAULT_EXCLUDE
   seed: int = 0
+  refresh_offset: int = 0
+  fraction_of: str = "min"
+  state_dtype: Any = None
+  basis_dtype: Any = None
 
   def __post_init__(self):
+    if isinstance(self.projector, str):
+      object.__setattr__(self, "projector",
+                         projectors_lib.make(self.projector))
+    if not isinstance(self.projector, projectors_lib.Projector):
+      raise TypeError(f"projector must be a name in"
+                      f" {projectors_lib.names()} or a"
+                      f" lro.projectors.Projector instance, got"
+                      f" {self.projector!r}.")
     if self.on_refresh not in ON_REFRESH:
       raise ValueError(f"Unknown on_refresh {self.on_refresh!r}; expected one"
                        f" of {ON_REFRESH}.")
-    if self.on_refresh == "rotate" and self.projector.method != "dct":
+    if self.on_refresh == "rotate" and not self.projector.supports_carry_over:
       raise ValueError(
           "on_refresh='rotate' moves the moments of the DCT columns kept"
           " across a refresh to their new slots; it needs projector='dct' (for"
           " a basis projector use 'keep' or 'reset'), got"
-          f" projector={self.projector.method!r}.")
+          f" projector={type(self.projector).__name__}.")
 
   def leaf_key(self, plan: policy_lib.LeafPlan) -> jax.Array:
     """The leaf's PRNG key: its projector's start at init; folded with the
@@ -117,7 +145,7 @@ class ProjectionConfig:
   def plans(self, params, allow_zero_rank=False):
     return policy_lib.plan_leaves(params, self.rank, self.proj_type,
                                   self.dimension_numbers, self.exclude,
-                                  allow_zero_rank)
+                                  allow_zero_rank, self.fraction_of)
 
 
 _CHAIN_HINT = (
@@ -148,64 +176,32 @@ class ProjectionElement:
                     + _CHAIN_HINT)
 
 
-def _sharding_of(x):
-  try:
-    s = getattr(x, "sharding", None)
-  except Exception:  # tracers without a concrete sharding
-    return None
-  return s if isinstance(s, jax.sharding.NamedSharding) else None
-
-
 def _on_params_mesh(state, params):
   """Places the state's unsharded leaves (counters) replicated on the params' mesh.
 
-  Without it, scalar counters created by ``jnp.zeros`` are uncommitted
-  single-device arrays while the rest of the state lives on the mesh, so the
-  state's shardings change after the first jitted update and ``jax.jit(...,
-  out_shardings=<init shardings>)`` fails.
+  Without it, scalar counters created by ``jnp.zeros`` by an eager ``init``
+  are uncommitted single-device arrays while the rest of the state lives on
+  the mesh, so the state's shardings change after the first jitted update and
+  ``jax.jit(..., out_shardings=<init shardings>)`` fails. (Inside ``jax.jit``
+  the outputs are placed by ``jit``; nothing to do.)
   """
-  shardings = [s for s in map(_sharding_of, jax.tree.leaves(params))
-               if s is not None]
+  leaves = jax.tree.leaves(params)
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    return state
+  shardings = [s for s in map(shd.leaf_sharding, leaves) if s is not None]
+  shardings = [s for s in shardings
+               if isinstance(s.mesh, jax.sharding.Mesh)]
   if not shardings:
     return state
   replicated = jax.sharding.NamedSharding(shardings[0].mesh,
                                           jax.sharding.PartitionSpec())
-  return jax.tree.map(
-      lambda x: x if _sharding_of(x) is not None
-      else jax.device_put(x, replicated), state)
 
+  def place(x):
+    if isinstance(x, jax.core.Tracer) or shd.leaf_sharding(x) is not None:
+      return x
+    return jax.device_put(x, replicated)
 
-def _spec_entry(spec, axes):
-  """Mesh axes for a merged group of array axes (first axis's, if alone)."""
-  entries = [spec[a] for a in axes]
-  if all(e is None for e in entries[1:]):
-    return entries[0]
-  return None
-
-
-def _lowrank_shardings(plan: policy_lib.LeafPlan, sharding):
-  """Shardings of the low-rank gradient and the bases, from the param's.
-
-  A param sharded ``P(a, b)`` over ``(M, N)`` gives ``P(a, None)`` for an
-  ``(M, r)`` array and ``P(None, b)`` for an ``(r, N)`` array.
-  """
-  if sharding is None:
-    return None, {}
-  P = jax.sharding.PartitionSpec
-  spec = tuple(sharding.spec) + (None,) * (len(plan.shape) - len(sharding.spec))
-  batch = tuple(spec[a] for a in plan.batch_axes)
-  rows = _spec_entry(spec, plan.reduction_axes)
-  cols = _spec_entry(spec, plan.output_axes)
-  mk = lambda *s: jax.sharding.NamedSharding(sharding.mesh, P(*batch, *s))
-  # DCT projectors store (*batch, r) indices, replicated over the matrix.
-  indices = {"indices": mk(None), "row_indices": mk(None),
-             "col_indices": mk(None)}
-  if plan.side == "reduction":
-    return mk(None, cols), {"basis": mk(rows, None), **indices}
-  if plan.side == "output":
-    return mk(rows, None), {"basis": mk(cols, None), **indices}
-  return mk(None, None), {"row_basis": mk(rows, None),
-                          "col_basis": mk(cols, None), **indices}
+  return jax.tree.map(place, state)
 
 
 def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
@@ -227,25 +223,29 @@ def _refresh_leaf(config: ProjectionConfig, plan: policy_lib.LeafPlan, gm,
   from 2.36 GiB to 6.63 GiB (benchmarks/RESULTS.md).
 
   With ``on_refresh="rotate"`` the leaf's low-rank inner-state arrays are
-  moved to the new selection's slots in the same branch
-  (:meth:`~lowrank_optax.Projector.carry_over`).
+  moved to the new subspace's coordinates in the same branch
+  (the projector's ``carry_over``).
 
   Returns:
     ``(projector state, inner state, traced bool refresh flag)``.
   """
+  projector = config.projector
   gap = config.update_proj_gap
-  offset = _refresh_offset(plan, n_projected, gap, config.stagger)
-  refresh = (count == 0) | ((count + offset) % gap == 0)
+  offset = (_refresh_offset(plan, n_projected, gap, config.stagger)
+            + config.refresh_offset)
+  scheduled = (count == 0) | ((count + offset) % gap == 0)
+  refresh = projector.should_refresh(plan, pstate, count, scheduled)
   key = jax.random.fold_in(config.leaf_key(plan), count)
   rotate = config.on_refresh == "rotate"
+  lowrank_shape = projector.lowrank_shape(plan)
 
   def do_refresh(operand):
     ps, ist = operand
-    new = config.projector.refresh(plan, gm, ps, count == 0, key)
+    new = projector.refresh(plan, gm, ps, count == 0, key, count=count)
     if rotate:
       ist = jax.tree.map(
-          lambda x: config.projector.carry_over(plan, x, ps, new)
-          if (x.shape == plan.lowrank_shape
+          lambda x: shd.like(projector.carry_over(plan, x, ps, new), x)
+          if (x.shape == lowrank_shape
               and jnp.issubdtype(x.dtype, jnp.floating)) else x, ist)
     return new, ist
 
@@ -254,11 +254,91 @@ def _refresh_leaf(config: ProjectionConfig, plan: policy_lib.LeafPlan, gm,
   return pstate, (rotated if rotate else istate), refresh
 
 
+def _is_state_node(x) -> bool:
+  return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def reset_moments(fresh, state, lowrank_shape, where):
+  """Resets the moment states inside an inner state, leaving the rest alone.
+
+  A *moment state* is a ``NamedTuple`` node of the inner state with a
+  ``count`` field and at least one array field of the low-rank gradient's
+  shape (``optax.ScaleByAdamState``, ``ScaleByLionState``, ``TraceState``,
+  :class:`~lowrank_optax.transforms.ScaleByAdamHFState`, ...): where
+  ``where`` is true, all of its fields (moments and their counter) take their
+  fresh values. Every other node keeps its value: the counters of schedules
+  and ``optax.inject_hyperparams``, Fisher windows (whose arrays have another
+  shape), and so on. Nodes without a ``count`` whose fields have the
+  low-rank shape (``optax.TraceState``) are moment states too.
+
+  Args:
+    fresh: the inner state as ``init`` makes it.
+    state: the current inner state (same structure).
+    lowrank_shape: the shape of the low-rank gradient.
+    where: traced bool.
+
+  Returns:
+    The inner state with its moment states reset where ``where``.
+  """
+  def is_moment_state(node):
+    if not _is_state_node(node):
+      return False
+    direct = [getattr(node, f) for f in node._fields]
+    return any(hasattr(v, "shape") and tuple(v.shape) == tuple(lowrank_shape)
+               for v in direct)
+
+  def walk(f, s):
+    if is_moment_state(s):
+      return jax.tree.map(
+          lambda a, b: shd.like(jnp.where(where, a.astype(b.dtype), b), b),
+          f, s)
+    if _is_state_node(s):
+      return type(s)(*(walk(a, b) for a, b in zip(f, s)))
+    if isinstance(s, (tuple, list)):
+      return type(s)(walk(a, b) for a, b in zip(f, s))
+    if isinstance(s, dict):
+      return {k: walk(f[k], s[k]) for k in s}
+    return s
+
+  return walk(fresh, state)
+
+
+def _needs_params_hint(err: Exception) -> bool:
+  msg = str(err)
+  return "params" in msg or "parameters" in msg
+
+
+def _check_inner_runs(inner, istate, proxy, path, where):
+  """Traces ``inner.update`` abstractly once at ``init`` with ``params=None``.
+
+  A transform that cannot run there (one that needs params, such as weight
+  decay) fails here, at ``init``, with a message that says where it belongs,
+  instead of at the first update deep inside the jitted step.
+  """
+  try:
+    jax.eval_shape(lambda s, g: inner.update(g, s, None), istate, proxy)
+  except Exception as e:  # pylint: disable=broad-except
+    hint = ""
+    if _needs_params_hint(e):
+      hint = ("\nTransforms inside the subspace get params=None (the"
+              " low-rank gradient has another shape than the param). Put"
+              " transforms that need params (optax.add_decayed_weights,"
+              " lro.decay_updated_weights, ...) after the closer:\n"
+              "  lro.chain(lro.galore_project(r), optax.scale_by_adam(),"
+              " lro.back_project(), optax.add_decayed_weights(wd),"
+              " optax.scale_by_learning_rate(lr))")
+    raise ValueError(
+        f"The transform that runs {where} failed on leaf {path!r} (a"
+        f" gradient of shape {tuple(proxy.shape)}, {proxy.dtype}) with"
+        f" params=None: {type(e).__name__}: {e}{hint}") from e
+
+
 def subspace(
     inner: optax.GradientTransformation,
     config: ProjectionConfig,
-    residual: Optional[residual_lib.ResidualRule] = None,
+    residual: Optional[residual_lib.Closer] = None,
     full_rank_inner: Optional[optax.GradientTransformation] = None,
+    map_back: Optional[residual_lib.Closer] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` in a low-rank subspace of every projected leaf.
 
@@ -269,22 +349,37 @@ def subspace(
     R = \mathrm{down}(G), \quad N = \mathrm{inner}(R), \quad
     U = \alpha\,\mathrm{up}(N) + \mathrm{residual}(G - \mathrm{up}(R))
 
-  where ``alpha`` is ``config.scale`` and the residual term is zero unless a
-  residual rule is given. The basis is recomputed from the current gradient
-  at count 0 and whenever ``(count + offset) % update_proj_gap == 0``
-  (``offset`` is 0, or spread over the period with ``stagger=True``), inside
-  the jitted update via ``lax.cond``. With ``on_refresh='reset'`` the leaf's
-  inner state is re-initialised at each of its refreshes (FRUGAL); with
-  ``'keep'`` (GaLore) it is left as it is; with ``'rotate'`` (DCT projector
-  only) its low-rank arrays follow the selected DCT columns to their new
-  slots. Leaves that are not projected run
-  ``full_rank_inner`` (default ``inner``) on their full gradient, unscaled.
+  where ``alpha`` is ``config.scale``, ``alpha up(N)`` is the default
+  ``map_back`` term (:func:`back_project`; APOLLO replaces it) and the
+  residual term is zero unless a residual rule is given. The basis is
+  recomputed from the current gradient at count 0 and whenever ``(count +
+  offset) % update_proj_gap == 0`` (``offset`` is 0, or spread over the
+  period with ``stagger=True``; an adaptive projector decides itself), inside
+  the jitted update via ``lax.cond``. At a refresh, ``on_refresh='keep'``
+  (GaLore) leaves the inner state as it is; ``'reset'`` (FRUGAL) resets its
+  moment states: every ``NamedTuple`` node with a ``count`` and an array of
+  the low-rank shape (Adam's ``mu``, ``nu`` and ``count``; Lion's; a trace)
+  takes its initial value, while other inner state (schedule counters,
+  ``inject_hyperparams``, a Fisher window) is kept (:func:`reset_moments`);
+  ``'rotate'`` (projectors with ``carry_over``, e.g. ``dct``) moves the
+  low-rank arrays to the new subspace's coordinates. Leaves that are not
+  projected run ``full_rank_inner`` (default ``inner``) on their full
+  gradient, unscaled.
+
+  The inner transform runs per leaf (each leaf has its own inner state, so a
+  leaf's moments can be reset at its own refresh) with ``params=None``; it
+  is initialised from low-rank zero arrays of the leaf's dtype (or
+  ``config.state_dtype``) placed with the sharding derived from the param's.
+  Updates come out in the param's dtype when ``params`` are given (as
+  ``optax``'s do), else in the gradient's.
 
   Args:
     inner: the transform run in the subspace (gets ``params=None``).
     config: the projection (see :func:`galore_project`).
-    residual: what to do with ``G - up(down(G))``; ``None`` drops it.
+    residual: a residual closer (``E = G - up(down(G))``); ``None`` drops it.
     full_rank_inner: the transform for pass-through leaves.
+    map_back: the closer that maps the subspace result back; ``None`` is
+      ``alpha * up(N)``.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
@@ -302,38 +397,63 @@ def subspace(
   inner = optax.with_extra_args_support(inner)
   full_rank_inner = optax.with_extra_args_support(
       inner if full_rank_inner is None else full_rank_inner)
-  allow_zero = residual is not None
   if residual is None:
     residual = residual_lib.DROP
+  if map_back is None:
+    map_back = residual_lib.BACK_PROJECTION
+  for closer, role in ((residual, "residual"), (map_back, "map_back")):
+    if closer.role != role:
+      raise ValueError(f"{type(closer).__name__} is a {closer.role!r} closer,"
+                       f" not a {role!r} one.")
+  allow_zero = residual is not residual_lib.DROP
+  projector = config.projector
 
-  def _plans(params):
-    plans = config.plans(params, allow_zero_rank=allow_zero)
+  def _plans(tree):
+    plans = config.plans(tree, allow_zero_rank=allow_zero)
+    leaves = jax.tree.leaves(tree)
+    plans = [None if p is None else p.with_sharding(shd.for_leaf(p, x))
+             for p, x in zip(plans, leaves)]
     return plans, sum(p is not None for p in plans)
 
+  def _lowrank_zeros(plan, dtype):
+    dtype = config.state_dtype or dtype
+    return shd.zeros(projector.lowrank_shape(plan), dtype,
+                     projector.lowrank_sharding(plan))
+
   def init_fn(params):
-    leaves = jax.tree.leaves(params)
+    leaves, treedef = jax.tree.flatten(params)
+    paths = [policy_lib.path_to_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
     plans, _ = _plans(params)
     proj_states, inner_states, res_states = [], [], []
-    for leaf, plan in zip(leaves, plans):
-      sharding = _sharding_of(leaf)
+    checked = set()
+    for leaf, plan, path in zip(leaves, plans, paths):
       if plan is None:
-        proxy = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        inner_states.append(full_rank_inner.init(proxy))
+        zeros = shd.zeros(leaf.shape, leaf.dtype, shd.leaf_sharding(leaf))
+        state = full_rank_inner.init(zeros)
+        if "full" not in checked:
+          _check_inner_runs(full_rank_inner, state, zeros, path,
+                            "at full rank on pass-through leaves")
+          checked.add("full")
+        inner_states.append(state)
         proj_states.append(optax.MaskedNode())
         res_states.append(optax.MaskedNode())
         continue
-      res_states.append(residual.init(plan, leaf.dtype))
+      res_states.append((map_back.init(plan, leaf.dtype),
+                         residual.init(plan, leaf.dtype)))
       if plan.rank == 0:  # the whole gradient is residual: no subspace state
         proj_states.append(optax.MaskedNode())
         inner_states.append(optax.MaskedNode())
         continue
-      r_sharding, basis_shardings = _lowrank_shardings(plan, sharding)
-      proxy = jax.ShapeDtypeStruct(plan.lowrank_shape, leaf.dtype,
-                                   sharding=r_sharding)
-      inner_states.append(inner.init(proxy))
-      proj_states.append(config.projector.init(
-          plan, leaf.dtype, basis_shardings,
-          key=config.leaf_key(plan)))
+      zeros = _lowrank_zeros(plan, leaf.dtype)
+      state = inner.init(zeros)
+      if "lowrank" not in checked:
+        _check_inner_runs(inner, state, zeros, path, "in the subspace")
+        checked.add("lowrank")
+      inner_states.append(state)
+      proj_states.append(projector.init(
+          plan, config.basis_dtype or leaf.dtype, config.leaf_key(plan)))
+    del treedef
     return _on_params_mesh(
         SubspaceState(count=jnp.zeros([], jnp.int32),
                       projector=tuple(proj_states),
@@ -341,8 +461,9 @@ def subspace(
                       residual=tuple(res_states)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params  # the inner transforms get params=None (shapes differ)
     leaves, treedef = jax.tree.flatten(updates)
+    out_dtypes = ([p.dtype for p in jax.tree.leaves(params)]
+                  if params is not None else [g.dtype for g in leaves])
     plans, n_projected = _plans(updates)
     if len(leaves) != len(state.inner):
       raise ValueError(
@@ -350,45 +471,56 @@ def subspace(
           f" initialised for {len(state.inner)}.")
     count = state.count
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
-    for g, plan, pstate, istate, rstate in zip(
-        leaves, plans, state.projector, state.inner, state.residual):
+    for g, plan, pstate, istate, rstate, dtype in zip(
+        leaves, plans, state.projector, state.inner, state.residual,
+        out_dtypes):
       if plan is None:
         u, istate = full_rank_inner.update(g, istate, None, **extra_args)
-        new_leaves.append(u)
+        new_leaves.append(u.astype(dtype))
         new_proj.append(pstate)
         new_inner.append(istate)
         new_res.append(rstate)
         continue
 
       gm = plan.to_matrix(g)
+      mb_state, res_state = rstate
       if plan.rank == 0:
-        upd, rstate = residual.apply(plan, gm, None, None, rstate)
-        new_leaves.append(plan.from_matrix(upd.astype(g.dtype)))
+        ctx = residual_lib.CloseContext(plan, gm, None, None, None,
+                                        config.scale)
+        term, res_state = residual.apply(ctx, res_state)
+        new_leaves.append(shd.like(plan.from_matrix(term.astype(dtype)), g))
         new_proj.append(pstate)
         new_inner.append(istate)
-        new_res.append(rstate)
+        new_res.append((mb_state, res_state))
         continue
 
       pstate, istate, refresh = _refresh_leaf(config, plan, gm, pstate,
                                               istate, count, n_projected)
       if config.on_refresh == "reset":
-        r_sharding, _ = _lowrank_shardings(plan, _sharding_of(g))
-        fresh = inner.init(jax.ShapeDtypeStruct(plan.lowrank_shape, g.dtype,
-                                                sharding=r_sharding))
-        istate = jax.tree.map(lambda f, s: jnp.where(refresh, f, s),
-                              fresh, istate)
+        fresh = inner.init(_lowrank_zeros(plan, g.dtype))
+        istate = reset_moments(fresh, istate, projector.lowrank_shape(plan),
+                               refresh)
 
-      r = config.projector.down(plan, gm, pstate)
+      r = projector.down(plan, gm, pstate)
+      if config.state_dtype is not None:
+        r = r.astype(config.state_dtype)
       n, istate = inner.update(r, istate, None, **extra_args)
-      upd = config.projector.up(plan, n, pstate)
-      if not (isinstance(config.scale, numbers.Real) and config.scale == 1.0):
-        upd = config.scale * upd
-      upd, rstate = residual.apply(
-          plan, gm, lambda: config.projector.up(plan, r, pstate), upd, rstate)
-      new_leaves.append(plan.from_matrix(upd.astype(g.dtype)))
-      new_proj.append(pstate)
+      ps = pstate
+      ctx = residual_lib.CloseContext(
+          plan, gm, r, n, lambda x: projector.up(plan, x, ps), config.scale)
+      upd = None
+      new_cstates = []
+      for closer, cstate in ((map_back, mb_state), (residual, res_state)):
+        term, cstate = closer.apply(ctx, cstate)
+        new_cstates.append(cstate)
+        if term is not None:
+          upd = term if upd is None else upd + term
+      if upd is None:  # every term dropped (e.g. a map-back of zero)
+        upd = jnp.zeros_like(gm)
+      new_leaves.append(shd.like(plan.from_matrix(upd.astype(dtype)), g))
+      new_proj.append(projector.advance(plan, gm, pstate, count))
       new_inner.append(istate)
-      new_res.append(rstate)
+      new_res.append(tuple(new_cstates))
 
     new_state = SubspaceState(
         count=numerics.safe_int32_increment(count),
@@ -414,6 +546,8 @@ def galore_project(
     subspace_iters: int = 1,
     subspace_init_iters: int = 4,
     dct_score: str = "l1",
+    state_dtype: Any = None,
+    basis_dtype: Any = None,
 ) -> ProjectionElement:
   r"""The GaLore projection element: gradients into a refreshed low-rank subspace.
 
@@ -439,10 +573,12 @@ def galore_project(
     proj_type: ``std`` (reduce the smaller dimension; the reference default),
       ``reverse_std``, ``right`` (reduce inputs), ``left`` (reduce outputs),
       ``full`` (two-sided). Sides keep PyTorch's meaning on Flax arrays.
-    projector: ``subspace_iteration`` (default: warm-started, matmuls
-      only), ``svd`` (the reference), ``eigh``, ``randomized``, or ``dct``
-      (SVD-free selection of DCT columns; the state is ``r`` indices per
-      matrix, no basis) (see :mod:`lowrank_optax.projectors`).
+    projector: a registered name — ``subspace_iteration`` (default:
+      warm-started, matmuls only), ``svd`` (the reference), ``eigh``,
+      ``randomized``, ``dct`` (SVD-free selection of DCT columns; the state
+      is ``r`` indices per matrix, no basis), ... (``lro.projectors.names()``)
+      — or a :class:`~lowrank_optax.projectors.Projector` instance, e.g. one
+      of your own (see :mod:`lowrank_optax.projectors`).
     on_refresh: ``keep`` the inner state at a refresh (GaLore), ``reset``
       it (FRUGAL), or ``rotate`` it (``projector="dct"`` only: the moments of
       DCT columns selected before and after the refresh move to their new
@@ -460,6 +596,10 @@ def galore_project(
     subspace_init_iters: iterations of its first (cold) refresh.
     dct_score: column score of the ``dct`` projector: ``"l1"`` (the
       reference's ``ell_norm=1``) or ``"l2"``.
+    state_dtype: dtype of the low-rank gradient and the inner state (e.g.
+      ``jnp.float32`` moments for ``bfloat16`` params); default: the param's.
+    basis_dtype: dtype of stored bases; default: the param's (as the
+      reference). Decompositions always run in float32.
 
   Returns:
     A :class:`ProjectionElement` for :func:`chain`.
@@ -488,14 +628,13 @@ def galore_project(
       and (update_proj_gap != int(update_proj_gap) or update_proj_gap < 1)):
     raise ValueError(f"update_proj_gap must be a positive int, got"
                      f" {update_proj_gap!r}.")
-  proj = projectors_lib.Projector(method=projector, iters=subspace_iters,
-                                  init_iters=subspace_init_iters,
-                                  dct_score=dct_score)
+  proj = projectors_lib.make(projector, iters=subspace_iters,
+                             init_iters=subspace_init_iters, score=dct_score)
   return ProjectionElement(ProjectionConfig(
       rank=rank, update_proj_gap=update_proj_gap, scale=scale,
       proj_type=proj_type, projector=proj, on_refresh=on_refresh,
       stagger=stagger, dimension_numbers=dimension_numbers, exclude=exclude,
-      seed=seed))
+      seed=seed, state_dtype=state_dtype, basis_dtype=basis_dtype))
 
 
 def back_project() -> residual_lib.ResidualElement:
@@ -510,22 +649,26 @@ def back_project() -> residual_lib.ResidualElement:
     ...                lro.back_project(), optax.add_decayed_weights(1e-2),
     ...                optax.scale_by_learning_rate(1e-3))
   """
-  return residual_lib.ResidualElement(None)
+  return residual_lib.ResidualElement(residual_lib.BACK_PROJECTION)
 
 
 def chain(*elements) -> optax.GradientTransformationExtraArgs:
   """``optax.chain`` that understands projection elements.
 
-  ``chain(pre..., projection, inner..., closer, post...)``: ``pre`` and
+  ``chain(pre..., projection, inner..., closers, post...)``: ``pre`` and
   ``post`` run in full space, ``inner`` in the subspace of every projected
   leaf (and at full rank, unscaled, on the others, skipping transforms marked
-  :class:`SubspaceOnlyTransformation`). Without a closer the subspace extends
-  to the end of the chain. Without a projection element this is
+  :class:`SubspaceOnlyTransformation`). ``closers`` are one or two adjacent
+  closer elements: at most one that maps the subspace result back
+  (:func:`back_project`, the default; APOLLO's scaling replaces it) and at
+  most one residual rule (:func:`~lowrank_optax.sign_residual`, ...); the
+  leaf's update is the sum of their terms. Without a closer the subspace
+  extends to the end of the chain. Without a projection element this is
   ``optax.chain``.
 
   Args:
     *elements: optax transforms, at most one projection element
-      (:func:`galore_project`) and at most one closer after it.
+      (:func:`galore_project`) and the closers after it.
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -542,26 +685,37 @@ def chain(*elements) -> optax.GradientTransformationExtraArgs:
   if len(proj_idx) > 1:
     raise ValueError("lro.chain takes at most one projection element, got"
                      f" {len(proj_idx)}.")
-  if len(close_idx) > 1:
-    raise ValueError("lro.chain takes at most one closer (back_project /"
-                     f" *_residual), got {len(close_idx)}.")
   if not proj_idx:
     if close_idx:
       raise ValueError("A residual / back_project element needs a projection"
                        " element (e.g. lro.galore_project) before it.")
     return optax.chain(*elements)
   p = proj_idx[0]
-  c = close_idx[0] if close_idx else len(elements)
-  if c < p:
+  if close_idx and close_idx[0] < p:
     raise ValueError("The closer must come after the projection element.")
+  if close_idx and close_idx != list(range(close_idx[0],
+                                           close_idx[0] + len(close_idx))):
+    raise ValueError("The closers (back_project / *_residual / ...) of"
+                     " lro.chain must be adjacent.")
+  closers = {"map_back": [], "residual": []}
+  for i in close_idx:
+    closers[elements[i].rule.role].append(elements[i].rule)
+  for role, found in closers.items():
+    if len(found) > 1:
+      raise ValueError(f"lro.chain takes at most one {role} closer, got"
+                       f" {len(found)}: {found}.")
+  c = close_idx[0] if close_idx else len(elements)
+  end = close_idx[-1] + 1 if close_idx else len(elements)
   inner_elems = elements[p + 1:c]
   inner = optax.chain(*inner_elems) if inner_elems else optax.identity()
   full_elems = [e for e in inner_elems
                 if not isinstance(e, SubspaceOnlyTransformation)]
   full = optax.chain(*full_elems) if full_elems else optax.identity()
-  rule = elements[c].rule if close_idx else None
-  wrapped = subspace(inner, elements[p].config, rule, full)
-  chained = optax.chain(*elements[:p], wrapped, *elements[c + 1:])
+  wrapped = subspace(inner, elements[p].config,
+                     residual=(closers["residual"] or [None])[0],
+                     full_rank_inner=full,
+                     map_back=(closers["map_back"] or [None])[0])
+  chained = optax.chain(*elements[:p], wrapped, *elements[end:])
   # The counters of the full-space elements (pre / post) go on the mesh too.
   return optax.GradientTransformationExtraArgs(
       lambda params: _on_params_mesh(chained.init(params), params),

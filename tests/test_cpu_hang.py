@@ -5,7 +5,7 @@ two concurrent *batched* Cholesky or triangular-solve calls deadlocked
 (jaxlib 0.10.2): ``jax.jit(tx.init)`` of ``lro.galore`` with the
 subspace-iteration projector hung forever on the stacked layers of
 LLaMA-60M, and so did ``speed.py --layout stacked``. The library now maps
-those two calls over the batch on CPU (``projectors._one_matrix_at_a_time_on_cpu``).
+those two calls over the batch on CPU (``projectors.base._per_matrix_on_cpu``).
 
 The suite runs with 8 virtual devices (conftest.py), which hides the hang, so
 this test runs a fresh interpreter with the default single device and a time

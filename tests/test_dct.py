@@ -82,9 +82,9 @@ def test_exact_recovery_of_a_dct_subspace(score, proj_type):  # D3
   k = dct_f64(m_in)[:, s_in] @ x @ dct_f64(n_out)[:, s_out].T
   params = {"w": jnp.zeros((m_in, n_out), jnp.float32)}
   plan, = lro.plan_leaves(params, r, proj_type)
-  proj = lro.Projector("dct", dct_score=score)
+  proj = lro.projectors.DCTProjector(score=score)
   g = jnp.asarray(k, jnp.float32)
-  state = proj.refresh(plan, g, proj.init(plan, jnp.float32), True,
+  state = proj.refresh(plan, g, proj.init(plan, jnp.float32, None), True,
                        jax.random.key(0))
   if proj_type == "full":
     np.testing.assert_array_equal(state.row_indices, s_in)
@@ -234,7 +234,7 @@ def test_carry_over_is_the_partial_permutation_of_kept_columns(proj_type):
     old, new = lro.IndexState(jnp.asarray(o)), lro.IndexState(jnp.asarray(n))
     m = rot(d, n, o)
     want = x @ m.T if plan.side == "output" else m @ x
-  got = lro.Projector("dct").carry_over(plan, jnp.asarray(x, jnp.float32),
+  got = lro.projectors.DCTProjector().carry_over(plan, jnp.asarray(x, jnp.float32),
                                         old, new)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 

@@ -1,0 +1,332 @@
+"""Where the arrays live: shardings of low-rank state, derived from the param's.
+
+DESIGN.md's rule: for a projected leaf whose matrix view ``(*batch, M, N)`` is
+sharded ``P(*b, a, c)``, an ``(M, r)`` array is ``P(*b, a, None)``, an
+``(r, N)`` array ``P(*b, None, c)``; a basis of the ``M`` axis (``(M, r)``)
+is ``P(*b, a, None)`` and one of the ``N`` axis ``P(*b, c, None)``; index
+arrays ``(*batch, r)`` are ``P(*b, None)``.
+
+Three situations are handled, all by reading the leaf's sharding with
+:func:`leaf_sharding`:
+
+* **eager** on concrete arrays (auto or explicit mesh): the param's
+  ``NamedSharding``; state arrays are ``device_put`` there;
+* **traced in an explicit mesh** (``jax.make_mesh``'s default axis type): the
+  sharding is part of the tracer's type (``jax.typeof(x).sharding``); every
+  contraction over a sharded axis names its output sharding
+  (:func:`einsum`), and the state is created sharded inside ``jax.jit``;
+* **traced in an auto mesh**: the sharding is not known while tracing;
+  shardings come from ``jax.jit``'s ``in_shardings`` / ``out_shardings``
+  (:func:`~lowrank_optax.state_shardings` gives the state's) and XLA's
+  propagation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["MatrixSharding", "leaf_sharding", "for_leaf", "state_shardings"]
+
+P = jax.sharding.PartitionSpec
+NamedSharding = jax.sharding.NamedSharding
+
+
+def _is_explicit(mesh) -> bool:
+  types = getattr(mesh, "axis_types", ())
+  return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
+def leaf_sharding(x) -> Optional[NamedSharding]:
+  """The ``NamedSharding`` of an array, tracer or ``ShapeDtypeStruct``, if known.
+
+  ``None`` for unsharded (single-device) arrays, for tracers of an auto mesh
+  (whose sharding is decided later by XLA) and for values without one.
+  """
+  if isinstance(x, jax.ShapeDtypeStruct):
+    s = x.sharding
+  elif isinstance(x, jax.core.Tracer):
+    try:
+      s = jax.typeof(x).sharding
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if not isinstance(s, NamedSharding) or not _is_explicit(s.mesh):
+      return None
+  else:
+    try:
+      s = getattr(x, "sharding", None)
+    except Exception:  # pylint: disable=broad-except  (deleted / abstract)
+      return None
+  if not isinstance(s, NamedSharding) or s.mesh.empty:
+    return None
+  return s
+
+
+def _merged_entry(spec, axes):
+  """Mesh axes of a merged group of array axes: the first's, if it is alone.
+
+  A group whose only sharded axis is its first (major) one keeps that
+  sharding after the reshape; any other combination is gathered.
+  """
+  entries = [spec[a] for a in axes]
+  if all(e is None for e in entries[1:]):
+    return entries[0]
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixSharding:
+  """How a leaf's matrix view ``(*batch, M, N)`` lies on a mesh (static).
+
+  Attributes:
+    mesh: the mesh (concrete, or abstract while tracing).
+    leaf_spec: the leaf's partition spec, one entry per leaf axis.
+    batch: entries of the batch axes.
+    rows: entry of the merged reduction (``M``) axis.
+    cols: entry of the merged output (``N``) axis.
+    explicit: the mesh has explicit axes: shardings are part of the types
+      and contractions over sharded axes must name their output sharding.
+  """
+
+  mesh: Any
+  leaf_spec: tuple
+  batch: tuple
+  rows: Any
+  cols: Any
+  explicit: bool
+
+  def named(self, *entries) -> NamedSharding:
+    """``NamedSharding`` of ``(*batch, *entries)``."""
+    return NamedSharding(self.mesh, P(*self.batch, *entries))
+
+  def of_axis(self, axis: str):
+    """The entry of ``"rows"`` (``M``) or ``"cols"`` (``N``)."""
+    return self.rows if axis == "rows" else self.cols
+
+  def leaf(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(*self.leaf_spec))
+
+
+def for_leaf(plan, x) -> Optional[MatrixSharding]:
+  """The :class:`MatrixSharding` of leaf ``x`` under ``plan``'s view, if known."""
+  s = leaf_sharding(x)
+  if s is None:
+    return None
+  ndim = len(plan.shape)
+  spec = tuple(s.spec) + (None,) * (ndim - len(s.spec))
+  return MatrixSharding(
+      mesh=s.mesh, leaf_spec=spec,
+      batch=tuple(spec[a] for a in plan.batch_axes),
+      rows=_merged_entry(spec, plan.reduction_axes),
+      cols=_merged_entry(spec, plan.output_axes),
+      explicit=_is_explicit(s.mesh))
+
+
+# -- shardings of the arrays a projector and the subspace create -------------
+
+def matrix(plan) -> Optional[NamedSharding]:
+  """``(*batch, M, N)``: the gradient as a matrix."""
+  ms = plan.sharding
+  return None if ms is None else ms.named(ms.rows, ms.cols)
+
+
+def lowrank(plan) -> Optional[NamedSharding]:
+  """``plan.lowrank_shape``: ``(r, N)``, ``(M, r)`` or ``(r, r)``."""
+  ms = plan.sharding
+  if ms is None:
+    return None
+  if plan.side == "reduction":
+    return ms.named(None, ms.cols)
+  if plan.side == "output":
+    return ms.named(ms.rows, None)
+  return ms.named(None, None)
+
+
+def basis(plan, axis: str) -> Optional[NamedSharding]:
+  """``(*batch, d, r)`` basis of the ``"rows"`` (``M``) or ``"cols"`` axis."""
+  ms = plan.sharding
+  return None if ms is None else ms.named(ms.of_axis(axis), None)
+
+
+def vectors(plan) -> Optional[NamedSharding]:
+  """``(*batch, k)``: per-matrix vectors (indices), replicated over the matrix."""
+  ms = plan.sharding
+  return None if ms is None else ms.named(None)
+
+
+def batch_only(plan, ndim: int) -> Optional[NamedSharding]:
+  """``(*batch, ...)`` with ``ndim`` trailing replicated axes (small factors)."""
+  ms = plan.sharding
+  return None if ms is None else ms.named(*(None,) * ndim)
+
+
+def replicated_like(plan, ndim: int) -> Optional[NamedSharding]:
+  """Fully replicated over the mesh (``(*batch, ...)`` included)."""
+  ms = plan.sharding
+  if ms is None:
+    return None
+  return NamedSharding(ms.mesh, P(*(None,) * (len(ms.batch) + ndim)))
+
+
+def derived(a, rows=None, cols=None) -> Optional[NamedSharding]:
+  """Sharding of a ``(*batch, ., .)`` array built from ``a`` (``(*batch, d, n)``).
+
+  The batch entries are ``a``'s; each of the two matrix axes takes the entry
+  of ``a``'s axis ``rows`` / ``cols`` (``-2`` or ``-1``), or is replicated
+  (``None``).
+  """
+  s = leaf_sharding(a)
+  if s is None:
+    return None
+  spec = tuple(s.spec) + (None,) * (a.ndim - len(s.spec))
+  pick = lambda axis: None if axis is None else spec[axis]
+  return NamedSharding(s.mesh, P(*spec[:-2], pick(rows), pick(cols)))
+
+
+def block_of(a, axis: int) -> Optional[NamedSharding]:
+  """A ``(*batch, a.shape[axis], k)`` block built from ``a``: ``axis``'s
+  entry, then replicated."""
+  return derived(a, axis, None)
+
+
+def small_of(a) -> Optional[NamedSharding]:
+  """A ``(*batch, k, l)`` factor built from ``a``: batch entries only."""
+  return derived(a)
+
+
+# -- operations ---------------------------------------------------------------
+
+def _explicit(sharding) -> bool:
+  return sharding is not None and _is_explicit(sharding.mesh)
+
+
+def einsum(subscripts: str, *operands, out: Optional[NamedSharding] = None,
+           precision=None):
+  """``jnp.einsum`` whose output sharding is ``out`` in an explicit mesh.
+
+  Explicit meshes refuse a contraction over a sharded axis unless the output
+  sharding is named; elsewhere ``out`` is ignored (auto meshes propagate).
+  """
+  if _explicit(out):
+    return jnp.einsum(subscripts, *operands, precision=precision,
+                      out_sharding=out)
+  return jnp.einsum(subscripts, *operands, precision=precision)
+
+
+def reshard(x, sharding: Optional[NamedSharding]):
+  """Moves ``x`` to ``sharding`` in an explicit mesh (identity elsewhere)."""
+  if _explicit(sharding):
+    return jax.sharding.reshard(x, sharding)
+  return x
+
+
+def like(x, ref):
+  """``x`` resharded to ``ref``'s sharding in an explicit mesh.
+
+  ``lax.cond`` branches must agree on shardings there, and a refreshed state
+  must keep its predecessor's.
+  """
+  s = leaf_sharding(ref)
+  if s is None or not _explicit(s) or not hasattr(x, "shape"):
+    return x
+  if leaf_sharding(x) == s:
+    return x
+  return jax.sharding.reshard(x, s)
+
+
+def place(x, sharding: Optional[NamedSharding]):
+  """Puts a new state array where it belongs: ``device_put`` on concrete
+  arrays, a reshard while tracing in an explicit mesh; identity otherwise."""
+  if sharding is None:
+    return x
+  if isinstance(x, jax.core.Tracer):
+    return reshard(x, sharding)
+  if isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+    return x
+  return jax.device_put(x, sharding)
+
+
+def zeros(shape, dtype, sharding: Optional[NamedSharding]):
+  """A zero array of ``shape`` placed at ``sharding``."""
+  x = jnp.zeros(shape, dtype)
+  return place(x, sharding)
+
+
+# -- the state's shardings, for ``jax.jit(tx.init, out_shardings=...)`` ------
+
+def _explicit_twin(mesh):
+  """An abstract copy of ``mesh`` whose axes are all explicit."""
+  abstract = mesh.abstract_mesh if isinstance(mesh, jax.sharding.Mesh) else mesh
+  explicit = (jax.sharding.AxisType.Explicit,) * len(abstract.axis_names)
+  return abstract.update_axis_types(
+      dict(zip(abstract.axis_names, explicit)))
+
+
+def state_shardings(tx: optax.GradientTransformation, params):
+  """Shardings of ``tx.init(params)``, without running it.
+
+  For the jitted creation of a sharded state on an auto mesh, where the
+  shardings are not known while tracing::
+
+    state = jax.jit(tx.init, out_shardings=lro.state_shardings(tx, params))(params)
+
+  (On an explicit mesh ``jax.jit(tx.init)(params)`` shards the state by
+  itself.) The state is traced abstractly with the params' shardings made
+  explicit, so every state array gets the sharding DESIGN.md prescribes
+  (low-rank arrays follow their param's kept axis, counters are
+  replicated); nothing is allocated.
+
+  Args:
+    tx: any optax transform (``lro.galore(...)``, ``lro.chain(...)``, ...).
+    params: arrays or ``jax.ShapeDtypeStruct`` with ``NamedSharding``s, all on
+      one mesh.
+
+  Returns:
+    A pytree of ``NamedSharding`` on the params' mesh, with the structure of
+    the state; ``None`` if no param is sharded.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, lowrank_optax as lro
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+    >>> params = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32,
+    ...                                     sharding=NamedSharding(mesh, P("fsdp")))}
+    >>> tx = lro.galore(1e-2, rank=4)
+    >>> shardings = lro.state_shardings(tx, params)
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(
+    ...     {"w": jnp.zeros((64, 32))})
+  """
+  leaves = jax.tree.leaves(params)
+  shardings = [leaf_sharding(x) for x in leaves]
+  meshes = {s.mesh for s in shardings if s is not None}
+  if not meshes:
+    return None
+  if len(meshes) > 1:
+    raise ValueError("state_shardings needs every sharded param on one mesh;"
+                     f" got {len(meshes)} meshes.")
+  mesh = meshes.pop()
+  concrete = mesh if isinstance(mesh, jax.sharding.Mesh) else None
+  twin = _explicit_twin(mesh)
+
+  def abstract(x, s):
+    spec = P() if s is None else s.spec
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=NamedSharding(twin, spec))
+
+  abstract_params = jax.tree.unflatten(
+      jax.tree.structure(params),
+      [abstract(x, s) for x, s in zip(leaves, shardings)])
+  with jax.sharding.use_abstract_mesh(twin):
+    out = jax.eval_shape(tx.init, abstract_params)
+  target = concrete if concrete is not None else mesh
+
+  def back(x):
+    s = getattr(x, "sharding", None)
+    spec = s.spec if isinstance(s, NamedSharding) else P()
+    return NamedSharding(target, spec)
+
+  return jax.tree.map(back, out)
