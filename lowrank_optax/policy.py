@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-FRACTION_OF = ("min", "reduced")
+FRACTION_OF = ("min", "reduced", "numel")
+FRACTION_ROUNDING = ("half_even", "floor")
 
 #: Paths matching this (case-insensitive ``re.search``) pass through at full
 #: rank under the default policy: the reference scripts never project
@@ -253,12 +254,14 @@ def _check_rank_value(rank, path: str, allow_zero: bool):
                        f" got {rank}.")
 
 
-def _resolve_rank(rank, min_dim: int) -> int:
+def _resolve_rank(rank, size: int, rounding: str = "half_even") -> int:
   if isinstance(rank, numbers.Integral):
     return int(rank)
-  # Fraction of the smaller matrix dimension; Python's round() (half to even),
-  # as FRUGAL's ``round(n * density)``.
-  return max(1, int(round(float(rank) * min_dim)))
+  # A fraction of ``size``: Python's round() (half to even), as FRUGAL's
+  # ``round(n * density)`` for projections, or its ``int(n * density)``
+  # (floor) for coordinates.
+  x = float(rank) * size
+  return max(1, int(x) if rounding == "floor" else int(round(x)))
 
 
 def _side(proj_type: str, rows: int, cols: int) -> str:
@@ -300,6 +303,7 @@ def plan_leaves(
     exclude: Optional[str] = DEFAULT_EXCLUDE,
     allow_zero_rank: bool = False,
     fraction_of: str = "min",
+    fraction_rounding: str = "half_even",
 ) -> list[Optional[LeafPlan]]:
   """Resolves the policy into one :class:`LeafPlan` (or ``None``) per leaf.
 
@@ -328,7 +332,10 @@ def plan_leaves(
     fraction_of: what a float rank is a fraction of: ``"min"``, the smaller
       matrix dimension (default), or ``"reduced"``, the dimension that the
       side rule reduces (FRUGAL's ``round(rho * n)`` for the right side,
-      ``round(rho * m)`` for the left, ``round(rho * min(m, n))`` for full).
+      ``round(rho * m)`` for the left, ``round(rho * min(m, n))`` for full),
+      or ``"numel"``, the matrix's ``M * N`` (entry-wise coordinate
+      projectors; the rank is then a number of entries, at most ``M * N``).
+    fraction_rounding: ``"half_even"`` (Python's ``round``) or ``"floor"``.
 
   Returns:
     A list with one entry per leaf in ``jax.tree.leaves`` order.
@@ -337,6 +344,9 @@ def plan_leaves(
   if fraction_of not in FRACTION_OF:
     raise ValueError(f"Unknown fraction_of {fraction_of!r}; expected one of"
                      f" {FRACTION_OF}.")
+  if fraction_rounding not in FRACTION_ROUNDING:
+    raise ValueError(f"Unknown fraction_rounding {fraction_rounding!r};"
+                     f" expected one of {FRACTION_ROUNDING}.")
   leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   plans: list[Optional[LeafPlan]] = []
   n_projected = 0
@@ -378,11 +388,15 @@ def plan_leaves(
     cols = math.prod(shape[a] for a in out)
     side = _side(proj_type, rows, cols)
     reduced = {"reduction": rows, "output": cols, "both": min(rows, cols)}[side]
+    if fraction_of == "numel":
+      reduced = rows * cols
+    limit = min(rows, cols) if fraction_of == "min" else reduced
     r = _resolve_rank(leaf_rank,
-                      reduced if fraction_of == "reduced" else min(rows, cols))
+                      min(rows, cols) if fraction_of == "min" else reduced,
+                      fraction_rounding)
     if explicit_rank:
       r = min(r, reduced)
-    elif r >= min(rows, cols):
+    elif r >= limit:
       plans.append(None)  # default policy: too small to be worth projecting
       continue
     plans.append(LeafPlan(path=path, shape=shape, batch_axes=batch,

@@ -95,8 +95,11 @@ class ProjectionConfig:
     refresh_offset: added to every leaf's refresh offset: leaves refresh at
       count 0 and where ``(count + offset) % update_proj_gap == 0``; ``1``
       gives DCT-AdamW's cadence ``t == 1 or t % T == 0`` (``t = count + 1``).
-    fraction_of: what a float rank is a fraction of: ``"min"`` (the smaller
-      matrix dimension) or ``"reduced"`` (the reduced side's, FRUGAL's rule).
+    fraction_of, fraction_rounding: how a float rank becomes a rank: a
+      fraction of the smaller matrix dimension (``"min"``), of the reduced
+      side's (``"reduced"``, FRUGAL's rule) or of ``M * N`` (``"numel"``),
+      rounded half to even or down (``"floor"``); see
+      :func:`~lowrank_optax.plan_leaves`.
     state_dtype: dtype of the low-rank gradient and of the inner state
       created from it (default: the parameter's).
     basis_dtype: dtype of stored bases (default: the parameter's).
@@ -115,6 +118,7 @@ class ProjectionConfig:
   seed: int = 0
   refresh_offset: int = 0
   fraction_of: str = "min"
+  fraction_rounding: str = "half_even"
   state_dtype: Any = None
   basis_dtype: Any = None
 
@@ -145,7 +149,8 @@ class ProjectionConfig:
   def plans(self, params, allow_zero_rank=False):
     return policy_lib.plan_leaves(params, self.rank, self.proj_type,
                                   self.dimension_numbers, self.exclude,
-                                  allow_zero_rank, self.fraction_of)
+                                  allow_zero_rank, self.fraction_of,
+                                  self.fraction_rounding)
 
 
 _CHAIN_HINT = (
