@@ -147,7 +147,10 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
   """LLaMA-style decoder: ``__call__(tokens int32 (B, T)) -> logits (B, T, vocab)``."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs = nnx.Rngs(0)):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None = None):
+    # No nnx.Rngs(0) default argument: it would create a PRNG key (and start
+    # JAX's backend) at import, before jax.distributed.initialize().
+    rngs = nnx.Rngs(0) if rngs is None else rngs
     self.config = config
     self.embed = nnx.Embed(config.vocab_size, config.dim,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)

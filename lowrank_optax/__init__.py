@@ -18,6 +18,7 @@ from lowrank_optax.policy import DEFAULT_EXCLUDE
 from lowrank_optax.policy import LeafPlan
 from lowrank_optax.policy import MatrixView
 from lowrank_optax.policy import plan_leaves
+from lowrank_optax.policy import PolicyWarning
 from lowrank_optax import projectors
 from lowrank_optax.projectors import BasisState
 from lowrank_optax.projectors import dct_matrix
@@ -27,6 +28,7 @@ from lowrank_optax.projectors import Projector
 from lowrank_optax.projectors import TwoSidedBasisState
 from lowrank_optax.projectors import TwoSidedIndexState
 from lowrank_optax.recipes import galore
+from lowrank_optax.recipes import skip_nonfinite_steps
 from lowrank_optax.residual import Closer
 from lowrank_optax.residual import CloseContext
 from lowrank_optax.residual import sgd_residual
@@ -41,6 +43,7 @@ from lowrank_optax.subspace import reset_moments
 from lowrank_optax.subspace import subspace
 from lowrank_optax.subspace import SubspaceOnlyTransformation
 from lowrank_optax.subspace import SubspaceState
+from lowrank_optax.subspace import subspace_state
 from lowrank_optax.transforms import decay_updated_weights
 from lowrank_optax.transforms import scale_by_adam_hf
 

@@ -40,6 +40,8 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "PROJ_TYPES",
     "plan_leaves",
+    "attention_views",
+    "PolicyWarning",
     "path_to_str",
 ]
 
@@ -49,8 +51,9 @@ FRACTION_ROUNDING = ("half_even", "floor")
 
 #: Paths matching this (case-insensitive ``re.search``) pass through at full
 #: rank under the default policy: the reference scripts never project
-#: embeddings, the output head or normalisation weights.
-DEFAULT_EXCLUDE = r"embed|lm_head|unembed|wte|wpe|norm|ln_f|layernorm"
+#: embeddings, the output head, normalisation weights or biases.
+DEFAULT_EXCLUDE = (r"embed|lm_head|unembed|wte|wpe|norm|ln_f|layernorm"
+                   r"|(^|/)bias$")
 
 
 class MatrixView(NamedTuple):
@@ -204,6 +207,61 @@ def _default_view(ndim: int) -> MatrixView:
   return MatrixView(-2, -1)
 
 
+#: Views of Flax multi-head attention kernels (``nnx.MultiHeadAttention``,
+#: Linen ``MultiHeadDotProductAttention``, any ``DenseGeneral`` block named like
+#: them): query / key / value are ``(..., d, heads, head_dim)`` (input ``d``,
+#: outputs ``heads x head_dim``), the output projection ``(..., heads,
+#: head_dim, d)``; leading axes (scanned layers) are batch axes.
+ATTENTION_IN_VIEW = MatrixView(-3, (-2, -1))
+ATTENTION_OUT_VIEW = MatrixView((-3, -2), -1)
+_QKV = ("query", "key", "value")
+_QKV_PROJ = ("q_proj", "k_proj", "v_proj")
+_OUT = ("out", "o_proj", "out_proj", "output")
+_KERNEL = ("kernel", "weight", "w")
+
+
+def _layer_of(path: str):
+  """``(parent, layer)`` of a kernel path ``.../parent/layer/kernel``."""
+  parts = path.split("/")
+  if len(parts) >= 2 and parts[-1].lower() in _KERNEL:
+    parts = parts[:-1]
+  return "/".join(parts[:-1]), parts[-1].lower()
+
+
+def attention_views(paths) -> dict:
+  """Flax attention views for the kernel paths of attention blocks.
+
+  A block is recognised by its sibling layers: a parent holding ``query``,
+  ``key`` and ``value`` (Flax) or ``q_proj``, ``k_proj`` and ``v_proj``. Its
+  query / key / value kernels get :data:`ATTENTION_IN_VIEW` and its output
+  projection :data:`ATTENTION_OUT_VIEW` (used for leaves of three or more
+  axes; 2-D kernels keep the default view).
+
+  Args:
+    paths: the leaves' ``a/b/c`` paths.
+
+  Returns:
+    ``{path: MatrixView}`` for the recognised kernels.
+  """
+  children: dict = {}
+  for path in paths:
+    parent, layer = _layer_of(path)
+    children.setdefault(parent, set()).add(layer)
+  views = {}
+  for path in paths:
+    if path.split("/")[-1].lower() not in _KERNEL:
+      continue
+    parent, layer = _layer_of(path)
+    siblings = children.get(parent, set())
+    if not (set(_QKV) <= siblings or set(_QKV_PROJ) <= siblings):
+      continue
+    if layer in _QKV or layer in _QKV_PROJ:
+      views[path] = ATTENTION_IN_VIEW
+    elif layer in _OUT:
+      views[path] = ATTENTION_OUT_VIEW
+  return views
+
+
 ViewSpec = Union[None, MatrixView, Mapping[str, Optional[MatrixView]],
                  Callable[[str, Any], Optional[MatrixView]]]
 RankSpec = Union[int, float, Mapping[str, Any], Callable[[str, Any], Any]]
@@ -218,10 +276,18 @@ def _as_view(v):
   raise TypeError(f"Expected a MatrixView (or None), got {v!r}.")
 
 
-def _lookup_view(spec: ViewSpec, path: str, leaf, explicit: bool):
-  """Returns (view or None, whether the view was given explicitly)."""
+def _lookup_view(spec: ViewSpec, path: str, leaf, attention: dict):
+  """Returns (view or None, whether the view was given explicitly).
+
+  Without an explicit view for the leaf, a recognised attention kernel of
+  three or more axes gets its attention view (:func:`attention_views`), any
+  other leaf with ``ndim >= 2`` the default view.
+  """
+  default = attention.get(path) if leaf.ndim >= 3 else None
+  if default is None and leaf.ndim >= 2:
+    default = _default_view(leaf.ndim)
   if spec is None:
-    return (_default_view(leaf.ndim) if leaf.ndim >= 2 else None), False
+    return default, False
   if isinstance(spec, (MatrixView,)) or (
       hasattr(spec, "reduction_axis") and not isinstance(spec, Mapping)):
     return (_as_view(spec) if leaf.ndim >= 2 else None), False
@@ -229,7 +295,7 @@ def _lookup_view(spec: ViewSpec, path: str, leaf, explicit: bool):
     for pattern, view in spec.items():
       if re.search(pattern, path, flags=re.IGNORECASE):
         return _as_view(view), True
-    return (_default_view(leaf.ndim) if leaf.ndim >= 2 else None), False
+    return default, False
   if callable(spec):
     return _as_view(spec(path, leaf)), True
   raise TypeError(f"Unsupported dimension_numbers {spec!r}.")
@@ -304,6 +370,7 @@ def plan_leaves(
     allow_zero_rank: bool = False,
     fraction_of: str = "min",
     fraction_rounding: str = "half_even",
+    notes: Optional[list] = None,
 ) -> list[Optional[LeafPlan]]:
   """Resolves the policy into one :class:`LeafPlan` (or ``None``) per leaf.
 
@@ -336,6 +403,12 @@ def plan_leaves(
       or ``"numel"``, the matrix's ``M * N`` (entry-wise coordinate
       projectors; the rank is then a number of entries, at most ``M * N``).
     fraction_rounding: ``"half_even"`` (Python's ``round``) or ``"floor"``.
+    notes: if a list, messages about likely policy mistakes are appended to
+      it (a dict rule that matches no leaf, an explicit rank clamped to a
+      full-rank projection, a leaf cut into slivers by the default view or
+      left at full rank because its matrices are no larger than the rank, a
+      policy that projects nothing); :func:`~lowrank_optax.subspace` emits
+      them as :class:`PolicyWarning` at ``init``.
 
   Returns:
     A list with one entry per leaf in ``jax.tree.leaves`` order.
@@ -348,10 +421,11 @@ def plan_leaves(
     raise ValueError(f"Unknown fraction_rounding {fraction_rounding!r};"
                      f" expected one of {FRACTION_ROUNDING}.")
   leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [path_to_str(k) for k, _ in leaves_with_path]
+  attention = attention_views(paths)
   plans: list[Optional[LeafPlan]] = []
   n_projected = 0
-  for key_path, leaf in leaves_with_path:
-    path = path_to_str(key_path)
+  for (key_path, leaf), path in zip(leaves_with_path, paths):
     shape = tuple(getattr(leaf, "shape", ()))
     ndim = len(shape)
 
@@ -369,7 +443,8 @@ def plan_leaves(
       leaf_rank = rank
     _check_rank_value(leaf_rank, path, allow_zero_rank)
 
-    view, explicit_view = _lookup_view(dimension_numbers, path, leaf, False)
+    view, explicit_view = _lookup_view(dimension_numbers, path, leaf,
+                                       attention)
     if leaf_rank is None or view is None or ndim < 2:
       plans.append(None)
       continue
@@ -403,4 +478,68 @@ def plan_leaves(
                           reduction_axes=red, output_axes=out, rank=r,
                           side=side, index=n_projected))
     n_projected += 1
+    if notes is not None and not explicit_view and path not in attention:
+      n_matrices = math.prod(shape[a] for a in batch)
+      if n_matrices > max(rows, cols):
+        notes.append(
+            f"Leaf {path!r} of shape {shape} is projected as {n_matrices}"
+            f" separate {rows}x{cols} matrices (the default view reads the"
+            " last two axes as the matrix and the others as batch axes). If"
+            " its matrix spans other axes (e.g. attention (d, heads,"
+            " head_dim)), give dimension_numbers={" + repr(path) + ":"
+            " lro.MatrixView(reduction_axis, output_axis)}.")
+  if notes is not None:
+    _policy_notes(notes, leaves_with_path, paths, plans, rank, attention,
+                  dimension_numbers, exclude, fraction_of)
   return plans
+
+
+def _policy_notes(notes, leaves_with_path, paths, plans, rank, attention,
+                  dimension_numbers, exclude, fraction_of):
+  """Appends the messages about likely policy mistakes (see plan_leaves)."""
+  if isinstance(rank, Mapping):
+    for pattern in rank:
+      if not any(re.search(pattern, p, flags=re.IGNORECASE) for p in paths):
+        notes.append(
+            f"The rank rule {pattern!r} matches no leaf. Leaf paths look like"
+            f" {paths[:4]}.")
+  explicit_rank = isinstance(rank, Mapping) or (
+      callable(rank) and not isinstance(rank, numbers.Real))
+  for (_, leaf), path, plan in zip(leaves_with_path, paths, plans):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if plan is not None and explicit_rank:
+      reduced = {"reduction": plan.rows, "output": plan.cols,
+                 "both": min(plan.rows, plan.cols)}[plan.side]
+      if plan.rank >= reduced and fraction_of != "numel":
+        notes.append(
+            f"Leaf {path!r} of shape {shape}: its rank is clamped to"
+            f" {plan.rank}, the whole reduced dimension. Such a full-rank"
+            " projection keeps a basis on top of Adam's state (more memory"
+            " than Adam). Give it a smaller rank, or None for full rank.")
+    if (plan is None and len(shape) >= 3 and not explicit_rank
+        and path not in attention and dimension_numbers is None
+        and isinstance(rank, numbers.Real)
+        and not (exclude and re.search(exclude, path, flags=re.IGNORECASE))):
+      rows, cols = shape[-2], shape[-1]
+      n_matrices = math.prod(shape[:-2])
+      r = _resolve_rank(rank, min(rows, cols))
+      if n_matrices > 1 and min(rows, cols) <= r:
+        notes.append(
+            f"Leaf {path!r} of shape {shape} stays at full rank: the default"
+            f" view reads it as {n_matrices} matrices of {rows}x{cols}, no"
+            f" larger than the rank {r}. If its matrix spans other axes (e.g."
+            " attention (heads, head_dim, d)), give dimension_numbers={"
+            + repr(path) + ": lro.MatrixView(reduction_axis, output_axis)}.")
+  n_matrix_leaves = sum(len(getattr(x, "shape", ())) >= 2
+                        for _, x in leaves_with_path)
+  if n_matrix_leaves and not any(p is not None for p in plans):
+    notes.append(
+        f"The rank policy {rank!r} projects none of the {n_matrix_leaves}"
+        " leaves with two or more axes: the optimizer keeps full-rank state"
+        " everywhere (no memory is saved). Check the rank against the"
+        " matrix sizes, the exclude pattern and the paths"
+        f" ({paths[:4]}...).")
+
+
+class PolicyWarning(UserWarning):
+  """A rank policy that probably does not do what was meant (see plan_leaves)."""

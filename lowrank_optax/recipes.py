@@ -11,7 +11,12 @@ from lowrank_optax import policy as policy_lib
 from lowrank_optax import subspace as subspace_lib
 from lowrank_optax import transforms
 
-__all__ = ["galore"]
+__all__ = ["galore", "skip_nonfinite_steps"]
+
+
+#: ``optax.apply_if_finite``'s ``max_consecutive_errors`` in the recipes:
+#: a non-finite step is never applied.
+NEVER_APPLY_NONFINITE = 2**31 - 1
 
 
 def _maybe_weight_decay(learning_rate, weight_decay, mask):
@@ -19,6 +24,26 @@ def _maybe_weight_decay(learning_rate, weight_decay, mask):
   if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
     return ()
   return (transforms.decay_updated_weights(learning_rate, weight_decay, mask),)
+
+
+def skip_nonfinite_steps(tx: optax.GradientTransformation,
+                         skip: bool = True) -> optax.GradientTransformation:
+  """``optax.apply_if_finite(tx)``: a step whose gradients are not all finite
+  changes nothing (zero update, state kept) and is counted in the state
+  (``notfinite_count``, ``total_notfinite``); ``skip=False`` returns ``tx``.
+
+  Every recipe applies it by default (``skip_nonfinite=True``). It checks the
+  gradients of the whole tree before any leaf's update, as
+  ``optax.apply_if_finite`` does.
+  """
+  if not skip:
+    return tx
+  guarded = optax.apply_if_finite(tx,
+                                  max_consecutive_errors=NEVER_APPLY_NONFINITE)
+  # Its counters go on the params' mesh like the rest of the state.
+  return optax.GradientTransformationExtraArgs(
+      lambda params: subspace_lib.on_params_mesh(guarded.init(params), params),
+      guarded.update)
 
 
 def galore(
@@ -42,6 +67,9 @@ def galore(
     subspace_init_iters: int = 4,
     on_refresh: str = "keep",
     dct_score: str = "l1",
+    state_dtype: Any = None,
+    basis_dtype: Any = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW; with ``projector="svd"`` step for step the official ``GaLoreAdamW``.
 
@@ -95,6 +123,12 @@ def galore(
       moments of DCT columns kept across the refresh move to their new slots.
     dct_score: column score of the ``dct`` projector, ``"l1"`` (the
       reference) or ``"l2"``.
+    state_dtype: dtype of the Adam moments of every leaf (low-rank and
+      full-rank), e.g. ``jnp.float32`` for ``bfloat16`` params; default: the
+      param's (the reference keeps moments in the param dtype).
+    basis_dtype: dtype of the stored bases; default: the param's.
+    skip_nonfinite: skip a step whose gradients are not all finite (zero
+      update, state unchanged, counted; :func:`skip_nonfinite_steps`).
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -114,16 +148,18 @@ def galore(
     https://github.com/jiaweizzhao/GaLore (``galore_torch/adamw.py``,
     ``galore_torch/galore_projector.py``; PyPI ``galore-torch==1.0``).
   """
-  return subspace_lib.chain(
+  return skip_nonfinite_steps(subspace_lib.chain(
       subspace_lib.galore_project(
           rank, update_proj_gap=update_proj_gap, scale=scale,
           proj_type=proj_type, projector=projector, stagger=stagger,
           dimension_numbers=dimension_numbers, exclude=exclude, seed=seed,
           subspace_iters=subspace_iters,
           subspace_init_iters=subspace_init_iters, on_refresh=on_refresh,
-          dct_score=dct_score),
-      transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps),
+          dct_score=dct_score, state_dtype=state_dtype,
+          basis_dtype=basis_dtype),
+      transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=state_dtype,
+                                  nu_dtype=state_dtype),
       subspace_lib.back_project(),
       optax.scale_by_learning_rate(learning_rate),
       *_maybe_weight_decay(learning_rate, weight_decay, weight_decay_mask),
-  )
+  ), skip_nonfinite)

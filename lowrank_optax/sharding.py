@@ -326,7 +326,9 @@ def state_shardings(tx: optax.GradientTransformation, params):
 
   def back(x):
     s = getattr(x, "sharding", None)
-    spec = s.spec if isinstance(s, NamedSharding) else P()
-    return NamedSharding(target, spec)
+    spec = tuple(s.spec) if isinstance(s, NamedSharding) else ()
+    while spec and spec[-1] is None:  # P(None,) -> P(), as an eager init
+      spec = spec[:-1]
+    return NamedSharding(target, P(*spec))
 
   return jax.tree.map(back, out)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -43,6 +44,7 @@ from lowrank_optax import sharding as shd
 
 __all__ = [
     "SubspaceState",
+    "subspace_state",
     "ProjectionConfig",
     "ProjectionElement",
     "SubspaceOnlyTransformation",
@@ -146,11 +148,11 @@ class ProjectionConfig:
     count for the sketches of each refresh."""
     return jax.random.fold_in(jax.random.key(self.seed), plan.index)
 
-  def plans(self, params, allow_zero_rank=False):
+  def plans(self, params, allow_zero_rank=False, notes=None):
     return policy_lib.plan_leaves(params, self.rank, self.proj_type,
                                   self.dimension_numbers, self.exclude,
                                   allow_zero_rank, self.fraction_of,
-                                  self.fraction_rounding)
+                                  self.fraction_rounding, notes)
 
 
 _CHAIN_HINT = (
@@ -181,7 +183,7 @@ class ProjectionElement:
                     + _CHAIN_HINT)
 
 
-def _on_params_mesh(state, params):
+def on_params_mesh(state, params):
   """Places the state's unsharded leaves (counters) replicated on the params' mesh.
 
   Without it, scalar counters created by ``jnp.zeros`` by an eager ``init``
@@ -207,6 +209,39 @@ def _on_params_mesh(state, params):
     return jax.device_put(x, replicated)
 
   return jax.tree.map(place, state)
+
+
+def subspace_state(opt_state) -> SubspaceState:
+  """The :class:`SubspaceState` inside an optimizer state.
+
+  Finds it through any wrapping (``lro.galore``'s ``optax.apply_if_finite``,
+  ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, ...):
+  for reading the step counter, the bases or the moments in a training
+  loop.
+
+  Args:
+    opt_state: the state of an optimizer with exactly one subspace.
+
+  Returns:
+    The :class:`SubspaceState`.
+
+  Example:
+    >>> import jax.numpy as jnp, lowrank_optax as lro
+    >>> tx = lro.galore(1e-2, rank=2)
+    >>> state = tx.init({"w": jnp.ones((8, 6))})
+    >>> lro.subspace_state(state).inner[0][0].mu.shape
+    (8, 2)
+  """
+  found = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, SubspaceState))
+           if isinstance(x, SubspaceState)]
+  if len(found) != 1:
+    raise ValueError(f"Expected one SubspaceState in the optimizer state,"
+                     f" found {len(found)}.")
+  return found[0]
+
+
+_on_params_mesh = on_params_mesh  # the name block.py imports
 
 
 def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
@@ -413,8 +448,8 @@ def subspace(
   allow_zero = residual is not residual_lib.DROP
   projector = config.projector
 
-  def _plans(tree):
-    plans = config.plans(tree, allow_zero_rank=allow_zero)
+  def _plans(tree, notes=None):
+    plans = config.plans(tree, allow_zero_rank=allow_zero, notes=notes)
     leaves = jax.tree.leaves(tree)
     plans = [None if p is None else p.with_sharding(shd.for_leaf(p, x))
              for p, x in zip(plans, leaves)]
@@ -429,7 +464,10 @@ def subspace(
     leaves, treedef = jax.tree.flatten(params)
     paths = [policy_lib.path_to_str(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
-    plans, _ = _plans(params)
+    notes = []
+    plans, _ = _plans(params, notes)
+    for note in notes:
+      warnings.warn(note, policy_lib.PolicyWarning, stacklevel=3)
     proj_states, inner_states, res_states = [], [], []
     checked = set()
     for leaf, plan, path in zip(leaves, plans, paths):
@@ -459,7 +497,7 @@ def subspace(
       proj_states.append(projector.init(
           plan, config.basis_dtype or leaf.dtype, config.leaf_key(plan)))
     del treedef
-    return _on_params_mesh(
+    return on_params_mesh(
         SubspaceState(count=jnp.zeros([], jnp.int32),
                       projector=tuple(proj_states),
                       inner=tuple(inner_states),
@@ -723,5 +761,5 @@ def chain(*elements) -> optax.GradientTransformationExtraArgs:
   chained = optax.chain(*elements[:p], wrapped, *elements[end:])
   # The counters of the full-space elements (pre / post) go on the mesh too.
   return optax.GradientTransformationExtraArgs(
-      lambda params: _on_params_mesh(chained.init(params), params),
+      lambda params: on_params_mesh(chained.init(params), params),
       chained.update)

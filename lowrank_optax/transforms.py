@@ -42,6 +42,7 @@ def scale_by_adam_hf(
     eps: float = 1e-6,
     correct_bias: bool = True,
     mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with Adam in the Hugging-Face (GaLore reference) convention.
 
@@ -63,6 +64,7 @@ def scale_by_adam_hf(
     eps: added to ``sqrt(v)`` (the reference default is 1e-6).
     correct_bias: apply ``sqrt(1-b2^t)/(1-b1^t)`` (reference default True).
     mu_dtype: dtype of the first moment (default: the gradient's).
+    nu_dtype: dtype of the second moment (default: the gradient's).
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -81,7 +83,7 @@ def scale_by_adam_hf(
 
   def init_fn(params):
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = optax.tree.zeros_like(params)
+    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
     return ScaleByAdamHFState(jnp.zeros([], jnp.int32), mu, nu)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -104,6 +106,7 @@ def scale_by_adam_hf(
         lambda m, v, g: (step * m / (jnp.sqrt(v) + eps)).astype(g.dtype),
         mu, nu, updates)
     mu = optax.tree.cast(mu, mu_dtype)
+    nu = optax.tree.cast(nu, nu_dtype)
     return new, ScaleByAdamHFState(count, mu, nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

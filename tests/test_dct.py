@@ -252,7 +252,7 @@ def test_state_is_int32_indices_only():
   r = 8
   tx = lro.galore(1e-3, rank=r, projector="dct")
   state = jax.eval_shape(tx.init, params)
-  proj = state[0].projector  # leaves sorted: layers, mlp, norm
+  proj = lro.subspace_state(state).projector  # leaves sorted: layers, mlp, norm
   assert proj[0] == lro.IndexState(jax.ShapeDtypeStruct((3, r), jnp.int32))
   assert proj[1] == lro.IndexState(jax.ShapeDtypeStruct((r,), jnp.int32))
   assert isinstance(proj[2], optax.MaskedNode)
@@ -270,11 +270,11 @@ def test_nonfinite_gradient_at_a_refresh_keeps_the_indices():
   rng = np.random.default_rng(4)
   g = {"w": jnp.asarray(rng.standard_normal((16, 24)), jnp.float32)}
   _, state = tx.update(g, state, params)
-  before = np.asarray(state[0].projector[0].indices)
+  before = np.asarray(lro.subspace_state(state).projector[0].indices)
   _, state = tx.update(g, state, params)
   bad = {"w": g["w"].at[3, 5].set(jnp.nan)}
   _, state = tx.update(bad, state, params)  # count 2: a refresh
-  np.testing.assert_array_equal(state[0].projector[0].indices, before)
+  np.testing.assert_array_equal(lro.subspace_state(state).projector[0].indices, before)
 
 
 def test_too_large_a_dimension_is_a_clear_error_at_init():
@@ -301,7 +301,7 @@ def test_bfloat16_params():
   u, state = jax.jit(tx.update)(g, state, params)
   assert u["w"].dtype == jnp.bfloat16
   assert bool(jnp.all(jnp.isfinite(u["w"].astype(jnp.float32))))
-  assert state[0].projector[0].indices.dtype == jnp.int32
+  assert lro.subspace_state(state).projector[0].indices.dtype == jnp.int32
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -319,7 +319,7 @@ def test_indices_follow_the_batch_axes_sharding_and_stay_put():
   want = {"a": P(), "s": P("fsdp", None)}
   for step in range(3):
     for i, k in enumerate(sorted(specs)):
-      idx = state[0].projector[i].indices
+      idx = lro.subspace_state(state).projector[i].indices
       assert idx.sharding.is_equivalent_to(NamedSharding(mesh, want[k]),
                                            idx.ndim), (k, step, idx.sharding)
     _, state = jax.jit(tx.update)(params, state, params)

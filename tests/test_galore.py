@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+from _state import with_sub_state
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
 
@@ -23,8 +24,7 @@ B1, B2, EPS = 0.9, 0.999, 1e-6
 galore_ref = functools.partial(lro.galore, projector="svd")
 
 
-def sub_state(state):
-  return state[0]  # lro.galore = chain(subspace, lr, [decay])
+sub_state = lro.subspace_state
 
 
 def inject(state, count, bases):
@@ -33,7 +33,7 @@ def inject(state, count, bases):
   proj = tuple(lro.BasisState(jnp.asarray(b, p.basis.dtype)) if b is not None
                else p for b, p in zip(bases, sub.projector))
   sub = sub._replace(count=jnp.asarray(count, jnp.int32), projector=proj)
-  return (sub,) + tuple(state[1:])
+  return with_sub_state(state, sub)
 
 
 class RefGaLore:

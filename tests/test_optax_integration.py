@@ -122,7 +122,7 @@ def test_bf16_dtype_stability(projector):
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == dtypes0
     params = optax.apply_updates(params, u)
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params))
-  assert state[0].projector[0].basis.dtype == jnp.bfloat16
+  assert lro.subspace_state(state).projector[0].basis.dtype == jnp.bfloat16
 
 
 def test_init_on_shape_dtype_structs_and_no_zero_size_arrays():

@@ -91,6 +91,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+from _state import with_sub_state
 
 RANK = 4
 GAP = 4                 # update_proj_gap T
@@ -265,27 +266,11 @@ def _ref_svd_basis(g, rank):
 # Our side: state surgery for the projector injection
 # ----------------------------------------------------------------------------
 
-def _find_subspace(state):
-  found = []
-
-  def visit(s):
-    if isinstance(s, lro.SubspaceState):
-      found.append(s)
-    elif isinstance(s, tuple) and not hasattr(s, "_fields"):
-      for x in s:
-        visit(x)
-
-  visit(state)
-  assert len(found) == 1, f"expected one SubspaceState in the state, got {len(found)}"
-  return found[0]
+_find_subspace = lro.subspace_state
 
 
 def _map_subspace(state, fn):
-  if isinstance(state, lro.SubspaceState):
-    return fn(state)
-  if isinstance(state, tuple) and not hasattr(state, "_fields"):
-    return tuple(_map_subspace(x, fn) for x in state)
-  return state
+  return with_sub_state(state, fn(lro.subspace_state(state)))
 
 
 def _leaf_keys(tree):

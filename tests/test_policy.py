@@ -48,7 +48,7 @@ def test_g8_llama60m_shapes_match_reference_sides():
   """ALGORITHMS.md G8, in Flax layout (our arrays are PyTorch's transposes)."""
   tx = lro.galore(1e-2, rank=128)
   state = jax.eval_shape(tx.init, LLAMA60M)
-  sub = state[0]
+  sub = lro.subspace_state(state)
   leaves = [policy.path_to_str(p) for p, _ in
             jax.tree_util.tree_flatten_with_path(LLAMA60M)[0]]
   idx = {k: i for i, k in enumerate(leaves)}

@@ -235,7 +235,7 @@ def _random_grads(rng, proj_type):
 
 def _bases(state, proj_type):
   """{leaf name: {side: basis}} from the galore state."""
-  sub = state[0]
+  sub = lro.subspace_state(state)
   names = sorted(_params(proj_type))  # jax.tree.leaves order of a dict
   out = {}
   for name, p in zip(names, sub.projector):
@@ -294,7 +294,7 @@ def test_non_finite_gradient_at_refresh_keeps_basis(method, proj_type, bad):
   state = tx.init(params)
   state = _run_steps(update, state, params,
                      [_random_grads(rng, proj_type) for _ in range(GAP)])
-  assert int(state[0].count) == GAP  # the next step (count 3) refreshes
+  assert int(lro.subspace_state(state).count) == GAP  # the next step (count 3) refreshes
   before = jax.tree.map(np.asarray, _bases(state, proj_type))
 
   bad_mats = {}
@@ -373,7 +373,8 @@ def _start_bases(seed):
             "stack": jnp.zeros((3, 40, 24))}
   tx = lro.galore(1e-2, rank=RANK, seed=seed)  # default: subspace_iteration
   state = tx.init(params)
-  return [np.asarray(p.basis, np.float64) for p in state[0].projector]
+  return [np.asarray(p.basis, np.float64)
+          for p in lro.subspace_state(state).projector]
 
 
 def test_subspace_iteration_start_is_a_seeded_orthonormal_block():

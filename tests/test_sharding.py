@@ -102,7 +102,7 @@ def assert_sharded_as(x, mesh, spec, what):
 
 
 def check_state_shardings(state, mesh, leaves, what):
-  sub = state[0]
+  sub = lro.subspace_state(state)
   names = sorted(leaves)
   for i, k in enumerate(names):
     shape, spec = leaves[k]
@@ -200,7 +200,7 @@ def test_fsdp_state_bytes_per_device_are_total_over_8(runs, name):
   """Arrays DESIGN.md shards over fsdp hold 1/8 of their bytes per device."""
   rec = runs[name]
   leaves = rec["leaves"]
-  sub = rec["states"][-1][0]
+  sub = lro.subspace_state(rec["states"][-1])
   n_dev = 8
   checked = 0
   for i, k in enumerate(sorted(leaves)):
@@ -266,7 +266,7 @@ def test_two_axis_mesh():
     check_state_shardings(state, mesh, leaves, f"step {t}")
   # Spot-check the rule by hand for the first leaf: R (64, 8) P(data, None),
   # its basis of the 32-long output axis (32, 8) P(model, None).
-  sub = state[0]
+  sub = lro.subspace_state(state)
   names = sorted(leaves)
   i = names.index("w_out")
   assert sub.inner[i][0].mu.sharding.is_equivalent_to(
@@ -322,4 +322,4 @@ def test_orbax_resume_is_bit_exact_across_a_refresh(runs, tmp_path):
                                     err_msg=f"{name} after step {t}")
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(rec["states"][-1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(state[0].count) == STEPS
+  assert int(lro.subspace_state(state).count) == STEPS
