@@ -36,7 +36,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 LRO_PROJECTORS = ("svd", "subspace_iteration", "eigh", "randomized", "dct")
-METHOD_FLAGS = ("", "stagger", "reverse_std")
+METHOD_FLAGS = ("", "stagger", "reverse_std", "noskip")
 
 
 def import_lro():
@@ -129,11 +129,15 @@ def make_methods(names: list[str] | str, *, rank: int, gap: int, lr: float = 1e-
         continue
       stagger = flag == "stagger"
       proj_type = "reverse_std" if flag == "reverse_std" else "std"
+      # "+noskip": without the recipe's default skip of non-finite steps
+      # (optax.apply_if_finite around the whole update).
+      skip = flag != "noskip"
       label = f"lro.galore[{proj}{', ' + flag if flag else ''}] r{rank}"
       out.append(Method(n, label,
-                        (lambda proj=proj, stagger=stagger, proj_type=proj_type: lro.galore(
-                            lr, rank=rank, update_proj_gap=gap, scale=scale, projector=proj,
-                            stagger=stagger, proj_type=proj_type, weight_decay=wd)),
+                        (lambda proj=proj, stagger=stagger, proj_type=proj_type, skip=skip:
+                         lro.galore(lr, rank=rank, update_proj_gap=gap, scale=scale,
+                                    projector=proj, stagger=stagger, proj_type=proj_type,
+                                    weight_decay=wd, skip_nonfinite=skip)),
                         "lro", proj, stagger, proj_type))
   return out
 

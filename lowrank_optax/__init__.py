@@ -8,9 +8,15 @@ subspace and what happens to the rest (:mod:`lowrank_optax.subspace`,
 :mod:`lowrank_optax.recipes` are complete optimizers like ``optax.adamw``.
 """
 
+from lowrank_optax.block import active_block_schedule
+from lowrank_optax.block import active_blocks
+from lowrank_optax.block import ActiveBlocksState
 from lowrank_optax.fisher import NaturalFisherState
 from lowrank_optax.fisher import scale_by_natural_fisher
 from lowrank_optax.fisher import woodbury_fisher_solve
+from lowrank_optax.mfac import MFACState, mfac_solve, scale_by_mfac
+from lowrank_optax.frugal import frugal
+from lowrank_optax.frugal import frugal_project
 from lowrank_optax.memory import LeafMemory
 from lowrank_optax.memory import memory_report
 from lowrank_optax.memory import MemoryReport
@@ -60,5 +66,7 @@ from lowrank_optax.subspace import SubspaceState
 from lowrank_optax.subspace import subspace_state
 from lowrank_optax.transforms import decay_updated_weights
 from lowrank_optax.transforms import scale_by_adam_hf
+from lowrank_optax.transforms import zero_nonfinite_updates
+from lowrank_optax.transforms import ZeroNonfiniteState
 
 __version__ = "0.1.0"

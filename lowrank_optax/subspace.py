@@ -343,6 +343,43 @@ def reset_moments(fresh, state, lowrank_shape, where):
   return walk(fresh, state)
 
 
+def keep_if_nonfinite(x, new, old):
+  """``new`` if every entry of ``x`` is finite, else ``old`` (a select per array).
+
+  The guard of :func:`subspace`: ``x`` is what a leaf's inner transform
+  reads (the low-rank gradient ``R``, or the full gradient of a pass-through
+  leaf), ``new`` / ``old`` the leaf's state after / before the step. The
+  check reduces over ``x`` (the size of the leaf's inner state) and the
+  select fuses into the producers of ``new``; a state without arrays needs
+  no check.
+  """
+  if not jax.tree.leaves(old):
+    return new
+  ok = jnp.all(jnp.isfinite(x))
+  return jax.tree.map(lambda a, b: shd.like(jnp.where(ok, a, b), b), new, old)
+
+
+def _check_leaf_dtype(path: str, dtype, projected: bool, what: str) -> None:
+  """Integer / bool leaves (and complex projected ones) fail with a clear message."""
+  if jnp.issubdtype(dtype, jnp.floating) or (
+      not projected and jnp.issubdtype(dtype, jnp.complexfloating)):
+    return
+  name = jnp.dtype(dtype).name
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+        f"The {what} leaf {path!r} has dtype {name}: complex leaves cannot be"
+        " projected to low rank. Give it the rank None in a dict rank policy"
+        " (e.g. rank={" + repr(path) + ": None, '.*': 128}) to update it at"
+        " full rank.")
+  raise TypeError(
+      f"The {what} leaf {path!r} has dtype {name}: lowrank_optax updates"
+      " floating-point leaves only. Keep integer and bool leaves (step"
+      " counters, masks) out of the optimizer: filter them"
+      " (nnx.Optimizer(..., wrt=nnx.Param), eqx.is_inexact_array) or freeze"
+      " them with optax.partition({'train': tx, 'frozen':"
+      " optax.set_to_zero()}, labels).")
+
+
 def _needs_params_hint(err: Exception) -> bool:
   msg = str(err)
   return "params" in msg or "parameters" in msg
@@ -413,6 +450,28 @@ def subspace(
   Updates come out in the param's dtype when ``params`` are given (as
   ``optax``'s do), else in the gradient's.
 
+  Non-finite gradients, per leaf (what the bare transform does; the recipes
+  also zero such a leaf's update or skip the whole step, see
+  :func:`~lowrank_optax.skip_nonfinite_steps`): a leaf whose inner-transform
+  input is not all finite (the low-rank ``R``; the full gradient of a
+  pass-through leaf or of a rank-0 leaf) keeps its inner and closer state
+  (moments, counters, limiters) as they were before the step
+  (:func:`keep_if_nonfinite`: one reduction over ``R`` and a select that
+  fuses into the state update). Every projector that reads ``G`` maps a
+  NaN / Inf anywhere in ``G`` into ``R`` (``0 * inf`` is NaN); the
+  coordinate projectors (``randperm``, ``randk``, ...) only read their
+  coordinates, so a non-finite entry outside them reaches only the
+  residual. A refresh on a non-finite gradient keeps the previous basis
+  (:meth:`~lowrank_optax.projectors.Projector.refresh`; the random
+  projectors, which do not read ``G``, redraw as scheduled), so a leaf whose
+  very first gradient is not finite keeps its placeholder start (a fixed
+  orthonormal basis) until its next scheduled refresh. The leaf's *update*
+  is computed as usual and so is not finite: the failure stays visible, as
+  with any optax transform, and the next finite step continues from the
+  kept state. Other leaves are not affected. Integer and bool leaves raise
+  a ``TypeError`` at ``init`` that names the leaf (filter or freeze them);
+  empty trees and ``None`` leaves are accepted.
+
   Args:
     inner: the transform run in the subspace (gets ``params=None``).
     config: the projection (see :func:`galore_project`).
@@ -471,6 +530,7 @@ def subspace(
     proj_states, inner_states, res_states = [], [], []
     checked = set()
     for leaf, plan, path in zip(leaves, plans, paths):
+      _check_leaf_dtype(path, leaf.dtype, plan is not None, "parameter")
       if plan is None:
         zeros = shd.zeros(leaf.shape, leaf.dtype, shd.leaf_sharding(leaf))
         state = full_rank_inner.init(zeros)
@@ -517,8 +577,13 @@ def subspace(
     for g, plan, pstate, istate, rstate, dtype in zip(
         leaves, plans, state.projector, state.inner, state.residual,
         out_dtypes):
+      if not jnp.issubdtype(g.dtype, jnp.inexact):  # int, bool, float0
+        _check_leaf_dtype(policy_lib.path_to_str(
+            jax.tree_util.tree_flatten_with_path(updates)[0][
+                len(new_leaves)][0]), g.dtype, plan is not None, "gradient")
       if plan is None:
-        u, istate = full_rank_inner.update(g, istate, None, **extra_args)
+        u, new_istate = full_rank_inner.update(g, istate, None, **extra_args)
+        istate = keep_if_nonfinite(g, new_istate, istate)
         new_leaves.append(u.astype(dtype))
         new_proj.append(pstate)
         new_inner.append(istate)
@@ -530,13 +595,15 @@ def subspace(
       if plan.rank == 0:
         ctx = residual_lib.CloseContext(plan, gm, None, None, None,
                                         config.scale)
-        term, res_state = residual.apply(ctx, res_state)
+        term, new_res_state = residual.apply(ctx, res_state)
+        res_state = keep_if_nonfinite(gm, new_res_state, res_state)
         new_leaves.append(shd.like(plan.from_matrix(term.astype(dtype)), g))
         new_proj.append(pstate)
         new_inner.append(istate)
         new_res.append((mb_state, res_state))
         continue
 
+      before = (istate, rstate)  # kept if this step's R is not finite
       pstate, istate, refresh = _refresh_leaf(config, plan, gm, pstate,
                                               istate, count, n_projected)
       if config.on_refresh == "reset":
@@ -561,9 +628,12 @@ def subspace(
       if upd is None:  # every term dropped (e.g. a map-back of zero)
         upd = jnp.zeros_like(gm)
       new_leaves.append(shd.like(plan.from_matrix(upd.astype(dtype)), g))
-      new_proj.append(projector.advance(plan, gm, pstate, count))
+      (new_pstate, istate, cstates) = keep_if_nonfinite(
+          r, (projector.advance(plan, gm, pstate, count), istate,
+              tuple(new_cstates)), (pstate,) + before)
+      new_proj.append(new_pstate)
       new_inner.append(istate)
-      new_res.append(tuple(new_cstates))
+      new_res.append(cstates)
 
     new_state = SubspaceState(
         count=numerics.safe_int32_increment(count),

@@ -12,6 +12,10 @@ module                      projectors (``projector=`` name)
 :mod:`.exact`               ``"svd"`` (the reference), ``"eigh"``
 :mod:`.iterative`           ``"subspace_iteration"`` (default), ``"randomized"``
 :mod:`.dct`                 ``"dct"`` (SVD-free DCT column selection)
+:mod:`.coordinates`         ``"randperm"``, ``"columns"``, ``"rows"``, ``"randk"``
+                            (FRUGAL: random coordinates; state = indices)
+:mod:`.random`              ``"gaussian"`` (APOLLO: seeded, regenerated, state
+                            = key only), ``"orthogonal"`` (FRUGAL ``random``)
 ==========================  ==================================================
 
 ``projector=`` in :func:`~lowrank_optax.galore_project` and the recipes takes
@@ -49,6 +53,14 @@ from lowrank_optax.projectors.base import BasisState
 from lowrank_optax.projectors.base import orthonormalize
 from lowrank_optax.projectors.base import Projector
 from lowrank_optax.projectors.base import TwoSidedBasisState
+from lowrank_optax.projectors.coordinates import ColumnsProjector
+from lowrank_optax.projectors.coordinates import CoordinateProjector
+from lowrank_optax.projectors.coordinates import CoordinateState
+from lowrank_optax.projectors.coordinates import random_indices
+from lowrank_optax.projectors.coordinates import RandKProjector
+from lowrank_optax.projectors.coordinates import RandPermProjector
+from lowrank_optax.projectors.coordinates import RowsProjector
+from lowrank_optax.projectors.coordinates import TwoSidedCoordinateState
 from lowrank_optax.projectors.dct import DCT_MAX_DIM
 from lowrank_optax.projectors.dct import DCT_SCORES
 from lowrank_optax.projectors.dct import dct_matrix
@@ -64,6 +76,10 @@ from lowrank_optax.projectors.iterative import randomized_basis
 from lowrank_optax.projectors.iterative import RandomizedProjector
 from lowrank_optax.projectors.iterative import subspace_iteration_basis
 from lowrank_optax.projectors.iterative import SubspaceIterationProjector
+from lowrank_optax.projectors.random import gaussian_matrices
+from lowrank_optax.projectors.random import GaussianProjector
+from lowrank_optax.projectors.random import GaussianState
+from lowrank_optax.projectors.random import OrthogonalProjector
 
 __all__ = [
     "Projector", "BasisProjector", "BasisState", "TwoSidedBasisState",
@@ -72,6 +88,11 @@ __all__ = [
     "svd_basis", "eigh_basis", "randomized_basis", "subspace_iteration_basis",
     "orthonormalize", "dct_matrix", "dct_select", "DCT_MAX_DIM", "DCT_SCORES",
     "register", "make", "names",
+    "CoordinateProjector", "RandPermProjector", "ColumnsProjector",
+    "RowsProjector", "RandKProjector", "CoordinateState",
+    "TwoSidedCoordinateState", "random_indices",
+    "GaussianProjector", "GaussianState", "OrthogonalProjector",
+    "gaussian_matrices",
 ]
 
 _REGISTRY: dict = {}
@@ -110,4 +131,9 @@ def make(projector: Union[str, Projector], **options) -> Projector:
 
 for _cls in (SubspaceIterationProjector, SVDProjector, EighProjector,
              RandomizedProjector, DCTProjector):
+  register(_cls)
+register(GaussianProjector)
+register(OrthogonalProjector)
+for _cls in (RandPermProjector, ColumnsProjector, RowsProjector,
+             RandKProjector):
   register(_cls)
