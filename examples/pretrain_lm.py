@@ -64,13 +64,18 @@ class TrainConfig:
   final_lr_frac: float = 0.1        # cosine decays to this fraction of the peak
   weight_decay: float = 0.0
   clip_norm: float = 1.0            # global-norm gradient clipping; 0 disables
+  param_dtype: str = 'float32'      # float32 | bfloat16 (params, grads and default state dtype)
   # Low-rank (GaLore family) options.
   rank: int | None = None           # None: dim // 4
+  rank_policy: str | None = None    # per-leaf ranks, 'regex=rank,...' (rank: int, fraction or none)
   update_proj_gap: int = 50
   galore_scale: float = 0.25
-  projector: str = 'subspace_iteration'
+  projector: str | None = None      # None: the recipe's default
   stagger: bool = False             # spread the leaves' refreshes over the period
   on_refresh: str = 'keep'          # keep | reset | rotate (rotate: projector='dct' only)
+  # Checkpointing (orbax).
+  checkpoint_every: int = 0         # save every N steps (and at the end); 0: never
+  resume: bool = False              # continue from the latest checkpoint in <out>/checkpoints
   # Model.
   dim: int = 128
   n_layers: int = 4
@@ -123,20 +128,112 @@ class OptimizerSpec:
   description: str = ''
 
 
+def rank_policy(c: TrainConfig):
+  """``--rank`` (an int), or ``--rank-policy 'attn=32,mlp=0.25,lm_head=none'``.
+
+  A policy string becomes an ``lro`` dict rank policy: comma-separated
+  ``regex=rank`` rules over parameter paths (``blocks/0/attn/q_proj/kernel``,
+  ``blocks/0/mlp/up_proj/kernel``, ...), first match wins, ``none`` keeps a
+  leaf at full rank and unmatched leaves stay at full rank.
+  """
+  if not c.rank_policy:
+    return c.rank
+  rules = {}
+  for item in c.rank_policy.split(','):
+    pattern, sep, value = item.partition('=')
+    if not sep or not pattern.strip():
+      raise ValueError(f'--rank-policy expects regex=rank items, got {item!r}')
+    value = value.strip().lower()
+    rules[pattern.strip()] = (None if value in ('none', 'full') else
+                              float(value) if '.' in value else int(value))
+  return rules
+
+
+def _projection(c: TrainConfig, default_projector: str = 'subspace_iteration') -> dict[str, Any]:
+  """The GaLore-family keywords shared by the low-rank recipes."""
+  return dict(rank=rank_policy(c), update_proj_gap=c.update_proj_gap,
+              projector=c.projector or default_projector, stagger=c.stagger,
+              on_refresh=c.on_refresh, seed=c.seed)
+
+
 def _adamw(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
   return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
 
 
+def _contrib_galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  # The peer, optax.contrib.galore: one global rank, every 2-D leaf, full SVD.
+  return optax.contrib.galore(learning_rate, rank=c.rank, update_proj_gap=c.update_proj_gap,
+                              scale=c.galore_scale, weight_decay=c.weight_decay)
+
+
 def _galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
-  return lro.galore(learning_rate, rank=c.rank, update_proj_gap=c.update_proj_gap,
-                    scale=c.galore_scale, projector=c.projector, stagger=c.stagger,
-                    on_refresh=c.on_refresh, weight_decay=c.weight_decay, seed=c.seed)
+  return lro.galore(learning_rate, scale=c.galore_scale, weight_decay=c.weight_decay,
+                    **_projection(c))
+
+
+def _fira(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  return lro.fira(learning_rate, scale=c.galore_scale, weight_decay=c.weight_decay,
+                  **_projection(c))
+
+
+def _natural_galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  return lro.natural_galore(learning_rate, scale=c.galore_scale, weight_decay=c.weight_decay,
+                            **_projection(c, 'svd'))
+
+
+def _osd(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  kw = _projection(c)
+  kw.pop('projector')  # its projector is the online PCA
+  return lro.online_subspace_descent(learning_rate, scale=c.galore_scale,
+                                     weight_decay=c.weight_decay, **kw)
+
+
+def _q_galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  return lro.q_galore(learning_rate, rank=rank_policy(c), update_proj_gap=c.update_proj_gap,
+                      scale=c.galore_scale, weight_decay=c.weight_decay, seed=c.seed)
+
+
+def _apollo(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  return lro.apollo(learning_rate, rank=rank_policy(c), update_proj_gap=c.update_proj_gap,
+                    weight_decay=c.weight_decay, seed=c.seed)
+
+
+def _apollo_mini(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  # The 60M script's setting (scale 128, scale_front) for this small model.
+  return lro.apollo_mini(learning_rate, update_proj_gap=c.update_proj_gap,
+                         scale_front=True, weight_decay=c.weight_decay, seed=c.seed)
+
+
+def _frugal(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  # The pre-training headline: block mode, descending order, rho 0.25, sign.
+  return lro.frugal(learning_rate, update_gap=c.update_proj_gap,
+                    weight_decay=c.weight_decay, seed=c.seed)
+
+
+def _dct_adamw(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
+  return lro.dct_adamw(learning_rate, rank=rank_policy(c), weight_decay=c.weight_decay)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     'adamw': OptimizerSpec(_adamw, default_lr=1e-3, description='full-rank AdamW baseline'),
-    # GaLore paper recipe (LLaMA pre-training): lr 1e-2 with scale 0.25.
+    'contrib_galore': OptimizerSpec(_contrib_galore, default_lr=1e-2,
+                                    description='optax.contrib.galore (the JAX peer)'),
+    # The GaLore-family papers' recipes (LLaMA pre-training): lr 1e-2 with scale 0.25.
     'galore': OptimizerSpec(_galore, default_lr=1e-2, description='GaLore (Zhao et al., 2024)'),
+    'fira': OptimizerSpec(_fira, default_lr=1e-2, description='Fira (Chen et al., 2024)'),
+    'apollo': OptimizerSpec(_apollo, default_lr=1e-2, description='APOLLO (Zhu et al., 2025)'),
+    'apollo_mini': OptimizerSpec(_apollo_mini, default_lr=1e-2,
+                                 description='APOLLO-Mini (rank 1, tensor scaling)'),
+    'natural_galore': OptimizerSpec(_natural_galore, default_lr=1e-2,
+                                    description='Natural GaLore (Das, 2024)'),
+    'q_galore': OptimizerSpec(_q_galore, default_lr=1.5e-2,
+                              description='Q-GaLore (Zhang et al., 2024)'),
+    'osd': OptimizerSpec(_osd, default_lr=1e-2,
+                         description='Online Subspace Descent (Liang et al., 2024)'),
+    # FRUGAL's and DCT-AdamW's scripts use AdamW-like learning rates.
+    'frugal': OptimizerSpec(_frugal, default_lr=1e-3, description='FRUGAL (Zmushko et al., 2025)'),
+    'dct_adamw': OptimizerSpec(_dct_adamw, default_lr=1e-3,
+                               description='DCT-AdamW (Modoranu et al., 2025)'),
 }
 
 
@@ -189,10 +286,14 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
 
   # Model and optimizer.
   model = Llama(c.model_config(), rngs=nnx.Rngs(c.seed))
+  if c.param_dtype != 'float32':
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(c.param_dtype), params))
   tx, schedule = make_optimizer(c)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   report = lro.memory_report(tx, params)
+  adamw_bytes = lro.memory_report(optax.adamw(1e-3), params).state_bytes
   n_params = count_params(model)
 
   # Jitted steps over the split (graphdef, state) pair: the graph is traversed
@@ -215,44 +316,80 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
   def evaluate(state) -> float:
     return float(np.mean([eval_step(state, b) for b in eval_set]))
 
+  def refreshed(state) -> int:
+    """Leaves whose basis the last step refreshed (``SubspaceState.refreshed``)."""
+    _, opt = nnx.merge(graphdef, state)
+    try:
+      n = lro.subspace_state(opt.opt_state).refreshed
+    except ValueError:  # no subspace (adamw, frugal's block mode, the peer)
+      return 0
+    return int(n.get_value() if isinstance(n, nnx.Variable) else n)
+
   # Loop. Throughput counts training steps only: the first step (compilation)
-  # and the time spent in evaluation are excluded.
+  # and the time spent in evaluation are excluded. Every step is timed (one
+  # host sync per step), so the steps that refresh bases can be told apart.
   tokens_per_step = c.batch_size * c.seq_len
   train_curve: list[float] = []
-  eval_curve: list[tuple[int, float]] = [(0, evaluate(state))]
   eval_time: list[float] = [0.0]    # accumulated training time (timer) at each evaluation
-  pending: list[jax.Array] = []
-  timer = _Timer()
-  bar = _progress(c)
+  # (step, seconds, leaves refreshed, compiled in this step): steps 2..N.
+  step_times: list[tuple[int, float, int, bool]] = []
+  first_step, first_step_time = 1, float('nan')
+  ckpt = _Checkpointer(out_dir / 'checkpoints', c) if (c.checkpoint_every or c.resume) else None
+  if c.resume:
+    first_step, state, saved = ckpt.restore(state)
+    train_curve, eval_time, step_times = saved['train_curve'], saved['eval_time'], [
+        tuple(x) for x in saved['step_times']]
+    eval_curve = [tuple(x) for x in saved['eval_curve']]
+    resumed_time = saved['train_time']
+    for _ in range(first_step - 1):  # the same data order as an uninterrupted run
+      next(batches)
+  else:
+    eval_curve = [(0, evaluate(state))]
+    resumed_time = 0.0
+  timer = _Timer(resumed_time)
+
+  def timed_steps() -> int:
+    """Steps whose time the timer holds (not the compiling first step)."""
+    return sum(not compiled for *_, compiled in step_times)
+  bar = _progress(c, first_step - 1)
   cpu_start = time.process_time()
-  for step in range(1, c.steps + 1):
+  for step in range(first_step, c.steps + 1):
     t_step = time.perf_counter()
     state, loss = train_step(state, jnp.asarray(next(batches)))
-    pending.append(loss)
-    if step == 1:
-      loss.block_until_ready()
-      first_step_time = time.perf_counter() - t_step
+    loss = float(loss)   # a host sync: the step is done
+    seconds = time.perf_counter() - t_step
+    train_curve.append(loss)
+    if step == first_step:
+      first_step_time = seconds
       timer.start()
-    if step % 10 == 0 or step == c.steps or step % c.eval_every == 0:
-      train_curve.extend(float(x) for x in pending)  # one host sync per flush
-      pending.clear()
-      if not math.isfinite(train_curve[-1]):
-        _close(bar)
-        raise FloatingPointError(f'non-finite training loss {train_curve[-1]} at step {step}')
-      if step % c.eval_every == 0 or step == c.steps:
-        timer.pause()
-        eval_time.append(timer.elapsed())
-        eval_curve.append((step, evaluate(state)))
-        timer.start()
-      if bar is not None:
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f'{train_curve[-1]:.3f}', held_out=f'{eval_curve[-1][1]:.3f}',
-                        tok_s=f'{timer.rate((step - 1) * tokens_per_step):,.0f}')
+    if step > 1:
+      step_times.append((step, seconds, refreshed(state), step == first_step))
+    if not math.isfinite(loss):
+      _close(bar)
+      raise FloatingPointError(f'non-finite training loss {loss} at step {step}')
+    if step % c.eval_every == 0 or step == c.steps:
+      timer.pause()
+      eval_time.append(timer.elapsed())
+      eval_curve.append((step, evaluate(state)))
+      timer.start()
+    if ckpt is not None and c.checkpoint_every and (
+        step % c.checkpoint_every == 0 or step == c.steps):
+      timer.pause()
+      ckpt.save(step, state, dict(train_curve=train_curve, eval_curve=eval_curve,
+                                  eval_time=eval_time, step_times=step_times,
+                                  train_time=timer.elapsed()))
+      timer.start()
+    if bar is not None and (step % 10 == 0 or step == c.steps):
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f'{train_curve[-1]:.3f}', held_out=f'{eval_curve[-1][1]:.3f}',
+                      tok_s=f'{timer.rate(timed_steps() * tokens_per_step):,.0f}')
   _close(bar)
   wall = time.perf_counter() - t_start
   cpu_time = time.process_time() - cpu_start
   train_time = timer.elapsed()
-  tok_s = timer.rate((c.steps - 1) * tokens_per_step)
+  tok_s = timer.rate(timed_steps() * tokens_per_step)
+  refresh_steps = [t for _, t, n, compiled in step_times if n and not compiled]
+  other_steps = [t for _, t, n, compiled in step_times if not n and not compiled]
 
   window = min(20, len(train_curve))
   metrics = {
@@ -268,6 +405,12 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
       'cpu_time_s': cpu_time,             # training loop, all threads (> wall when parallel)
       'state_bytes': int(report.state_bytes),
       'adam_state_bytes': int(report.adam_bytes),
+      'adamw_state_bytes': int(adamw_bytes),
+      'refresh_steps': len(refresh_steps),            # timed steps that refreshed bases
+      'refresh_time_s': float(np.sum(refresh_steps)) if refresh_steps else 0.0,
+      'refresh_step_median_s': float(np.median(refresh_steps)) if refresh_steps else None,
+      'other_step_median_s': float(np.median(other_steps)) if other_steps else None,
+      'resumed_at_step': first_step if c.resume else None,
       'n_params': int(n_params),
       'tokens_seen': c.steps * tokens_per_step,
   }
@@ -281,6 +424,9 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
           'eval_step': [s for s, _ in eval_curve],
           'eval_loss': [l for _, l in eval_curve],
           'eval_time_s': eval_time,      # train_time_s so far at each evaluation
+          'step_time_s': [t for _, t, _, _ in step_times],       # steps 2..N
+          'step_refreshed': [n for _, _, n, _ in step_times],    # leaves refreshed per step
+          'step_compiled': [c for _, _, _, c in step_times],     # resumed runs: first step
           'lr': np.asarray(schedule(jnp.arange(c.steps))).tolist(),
       },
       'environment': {'jax': jax.__version__, 'optax': optax.__version__,
@@ -293,11 +439,47 @@ def train(config: TrainConfig | argparse.Namespace | dict[str, Any] | None = Non
   return record
 
 
+class _Checkpointer:
+  """Orbax checkpoints of the model and optimizer state, plus the loop's curves.
+
+  ``save`` writes the ``(model, optimizer)`` state (a pure pytree of arrays)
+  and the curves so far; ``restore`` reads the latest into the structure of
+  the freshly built state, so a resumed run continues bit-exactly (the
+  data iterator is advanced to the same position by the caller).
+  """
+
+  def __init__(self, directory: Path, c: TrainConfig):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+  def save(self, step: int, state, curves: dict[str, Any]) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        curves=ocp.args.JsonSave(curves)))
+    self.manager.wait_until_finished()
+
+  def restore(self, state):
+    ocp = self._ocp
+    step = self.manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'--resume: no checkpoint in {self.manager.directory}')
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        nnx.to_pure_dict(state))
+    got = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), curves=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(state, got['state'])
+    return step + 1, state, got['curves']
+
+
 class _Timer:
   """Accumulates running time between ``start()`` and ``pause()`` calls."""
 
-  def __init__(self):
-    self.total, self._since = 0.0, None
+  def __init__(self, total: float = 0.0):
+    self.total, self._since = total, None
 
   def start(self) -> None:
     self._since = time.perf_counter()
@@ -317,11 +499,11 @@ class _Timer:
     return count / elapsed if elapsed > 0 and count > 0 else float('nan')
 
 
-def _progress(c: TrainConfig):
+def _progress(c: TrainConfig, done: int = 0):
   if not c.progress:
     return None
   from tqdm.auto import tqdm
-  return tqdm(total=c.steps, desc=c.optimizer, unit='step', dynamic_ncols=True)
+  return tqdm(total=c.steps, initial=done, desc=c.optimizer, unit='step', dynamic_ncols=True)
 
 
 def _close(bar) -> None:
@@ -355,7 +537,9 @@ def plot_losses(record: dict[str, Any], path: str | os.PathLike) -> None:
   ax.set_ylabel('cross-entropy (nats / byte)')
   title = f"{c['optimizer']}  lr={c['lr']:g}"
   if c['optimizer'] != 'adamw':
-    title += f"  rank={c['rank']}  gap={c['update_proj_gap']}  {c['projector']}" + ('+stagger' if c.get('stagger') else '')
+    title += (f"  rank={c['rank_policy'] or c['rank']}  gap={c['update_proj_gap']}"
+              + (f"  {c['projector']}" if c['projector'] else '')
+              + ('+stagger' if c.get('stagger') else ''))
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
@@ -370,8 +554,10 @@ def summary(record: dict[str, Any]) -> str:
   mib = 1 / 2 ** 20
   lines = [
       f"optimizer        {c['optimizer']}  (peak lr {c['lr']:g}"
-      + (f", rank {c['rank']}, update_proj_gap {c['update_proj_gap']}, scale {c['galore_scale']:g}, "
-         f"projector {c['projector']}" + (', staggered' if c.get('stagger') else '') if c['optimizer'] != 'adamw' else '') + ')',
+      + (f", rank {c['rank_policy'] or c['rank']}, update_proj_gap {c['update_proj_gap']}"
+         + (f", projector {c['projector']}" if c['projector'] else '')
+         + (', staggered' if c.get('stagger') else '') if c['optimizer'] != 'adamw' else '')
+      + (f", {c['param_dtype']} params" if c['param_dtype'] != 'float32' else '') + ')',
       f"model            {m['n_params']:,} params  (dim {c['dim']}, {c['n_layers']} layers, "
       f"{c['n_heads']} heads, ffn {c['ffn_dim']})",
       f"data             {c['steps']} steps x {c['batch_size']} x {c['seq_len']} bytes "
@@ -382,8 +568,11 @@ def summary(record: dict[str, Any]) -> str:
       f"throughput       {m['tokens_per_s']:,.0f} tokens/s",
       f"wall time        {m['wall_time_s']:.1f} s  (first step incl. compile {m['first_step_time_s']:.1f} s, "
       f"steps 2-{c['steps']} {m['train_time_s']:.1f} s; loop CPU time {m['cpu_time_s']:.1f} s)",
-      f"optimizer state  {m['state_bytes'] * mib:.3f} MiB  (Adam on the same params: "
-      f"{m['adam_state_bytes'] * mib:.3f} MiB, ratio {m['state_bytes'] / m['adam_state_bytes']:.2f})",
+      f"optimizer state  {m['state_bytes'] * mib:.3f} MiB  (optax.adamw on the same params: "
+      f"{m['adamw_state_bytes'] * mib:.3f} MiB, ratio {m['state_bytes'] / m['adamw_state_bytes']:.2f})",
+      f"refreshes        {m['refresh_steps']} steps refreshed bases, {m['refresh_time_s']:.2f} s in all"
+      + (f" (median {m['refresh_step_median_s'] * 1e3:.0f} ms against {m['other_step_median_s'] * 1e3:.0f} ms"
+         " for other steps)" if m['refresh_steps'] and m['other_step_median_s'] else ''),
       f"written          {Path(c['out']) / 'run.json'}"
       + (f", {Path(c['out']) / 'loss.png'}" if c['plot'] else ''),
   ]
@@ -410,11 +599,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
   p.add_argument('--weight-decay', type=float, default=d.weight_decay)
   p.add_argument('--clip-norm', type=float, default=d.clip_norm, help='0 disables clipping')
   p.add_argument('--rank', type=int, default=None, help='projection rank; default dim // 4')
+  p.add_argument('--rank-policy', default=None,
+                 help="per-leaf ranks as 'regex=rank,...' over parameter paths, e.g. "
+                      "'attn=16,mlp=0.25' (int, fraction of the smaller dimension, or none)")
+  p.add_argument('--param-dtype', default=d.param_dtype, choices=('float32', 'bfloat16'))
+  p.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every,
+                 help='save an orbax checkpoint every N steps (and at the end); 0: never')
+  p.add_argument('--resume', action='store_true',
+                 help='continue from the latest checkpoint in <out>/checkpoints')
   p.add_argument('--update-proj-gap', type=int, default=d.update_proj_gap,
                  help='steps between projector refreshes')
   p.add_argument('--galore-scale', type=float, default=d.galore_scale)
-  p.add_argument('--projector', default=d.projector,
-                 help="subspace_iteration | svd | eigh | randomized | dct")
+  p.add_argument('--projector', default=None,
+                 help='default: the recipe\'s; one of ' + ', '.join(lro.projectors.names()))
   p.add_argument('--stagger', action='store_true',
                  help='spread the projected leaves\' refreshes evenly over the period')
   p.add_argument('--on-refresh', default=d.on_refresh, choices=('keep', 'reset', 'rotate'),

@@ -69,12 +69,16 @@ class SubspaceState(NamedTuple):
       projected leaves, full-rank otherwise).
     residual: one entry per leaf: the closers' state (a pair ``(map-back,
       residual)``), or ``optax.MaskedNode()``.
+    refreshed: how many leaves refreshed their basis in the last update
+      (int32): read it in a training loop to see refresh events (and time
+      the steps where it is non-zero) without leaving ``jit``.
   """
 
   count: jax.Array
   projector: tuple
   inner: tuple
   residual: tuple
+  refreshed: jax.Array
 
 
 class SubspaceOnlyTransformation(optax.GradientTransformationExtraArgs):
@@ -559,6 +563,7 @@ def subspace(
     del treedef
     return on_params_mesh(
         SubspaceState(count=jnp.zeros([], jnp.int32),
+                      refreshed=jnp.zeros([], jnp.int32),
                       projector=tuple(proj_states),
                       inner=tuple(inner_states),
                       residual=tuple(res_states)), params)
@@ -574,6 +579,7 @@ def subspace(
           f" initialised for {len(state.inner)}.")
     count = state.count
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
+    refreshes = []
     for g, plan, pstate, istate, rstate, dtype in zip(
         leaves, plans, state.projector, state.inner, state.residual,
         out_dtypes):
@@ -606,6 +612,7 @@ def subspace(
       before = (istate, rstate)  # kept if this step's R is not finite
       pstate, istate, refresh = _refresh_leaf(config, plan, gm, pstate,
                                               istate, count, n_projected)
+      refreshes.append(refresh)
       if config.on_refresh == "reset":
         fresh = inner.init(_lowrank_zeros(plan, g.dtype))
         istate = reset_moments(fresh, istate, projector.lowrank_shape(plan),
@@ -637,6 +644,8 @@ def subspace(
 
     new_state = SubspaceState(
         count=numerics.safe_int32_increment(count),
+        refreshed=(sum(r.astype(jnp.int32) for r in refreshes) if refreshes
+                   else jnp.zeros([], jnp.int32)),
         projector=tuple(new_proj), inner=tuple(new_inner),
         residual=tuple(new_res))
     return jax.tree.unflatten(treedef, new_leaves), new_state

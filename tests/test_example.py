@@ -74,3 +74,40 @@ def test_cli_parsing():
   assert c.out.endswith('adamw')
   with pytest.raises(ValueError):
     pretrain_lm.TrainConfig(optimizer='nope').resolved()
+
+
+def test_resume_from_a_checkpoint_is_bit_exact(tmp_path):
+  """--checkpoint-every / --resume: a run resumed from its step-6 checkpoint
+  ends where the uninterrupted run ends (same losses, bit for bit), across a
+  refresh (update_proj_gap 5: refreshes at steps 1, 6, 11)."""
+  import shutil
+  cfg = dict(TINY, optimizer='galore', steps=12, eval_every=6, update_proj_gap=5,
+             checkpoint_every=6, plot=False)
+  full = pretrain_lm.train(dict(cfg, out=str(tmp_path / 'full')))
+  # The same run, "interrupted" after its step-6 checkpoint.
+  part = tmp_path / 'part'
+  pretrain_lm.train(dict(cfg, out=str(part)))
+  shutil.rmtree(part / 'checkpoints' / '12')
+  resumed = pretrain_lm.train(dict(cfg, out=str(part), resume=True))
+  assert resumed['metrics']['resumed_at_step'] == 7
+  assert resumed['curves']['train_loss'] == full['curves']['train_loss']
+  assert resumed['curves']['eval_loss'] == full['curves']['eval_loss']
+  assert resumed['curves']['step_refreshed'] == full['curves']['step_refreshed']
+  # Steps 6 and 11 (0-based counts 5 and 10) refreshed every projected leaf.
+  refreshed = dict(zip(range(2, 13), full['curves']['step_refreshed']))
+  assert [s for s, n in refreshed.items() if n] == [6, 11]
+
+
+@pytest.mark.parametrize('optimizer', ['contrib_galore', 'frugal'])
+def test_other_recipes_run(tmp_path, optimizer):
+  record = pretrain_lm.train(dict(TINY, optimizer=optimizer, steps=8, eval_every=8,
+                                  update_proj_gap=4, out=str(tmp_path)))
+  _check_outputs(record, tmp_path, optimizer)
+  assert record['metrics']['held_out_loss'] < record['metrics']['held_out_loss_initial']
+
+
+def test_rank_policy_flag():
+  c = pretrain_lm.parse_args(['--rank-policy', 'attn=8, mlp=0.25,lm_head=none']).resolved()
+  assert pretrain_lm.rank_policy(c) == {'attn': 8, 'mlp': 0.25, 'lm_head': None}
+  with pytest.raises(ValueError, match='regex=rank'):
+    pretrain_lm.rank_policy(pretrain_lm.TrainConfig(rank_policy='attn'))
