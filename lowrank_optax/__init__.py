@@ -8,6 +8,15 @@ subspace and what happens to the rest (:mod:`lowrank_optax.subspace`,
 :mod:`lowrank_optax.recipes` are complete optimizers like ``optax.adamw``.
 """
 
+from lowrank_optax.apollo import apollo
+from lowrank_optax.apollo import apollo_mini
+from lowrank_optax.apollo import apollo_scaling
+from lowrank_optax.fira import channel_ratio
+from lowrank_optax.fira import fira
+from lowrank_optax.fira import fira_residual
+from lowrank_optax.fira import limit_norm_growth
+from lowrank_optax.fira import NormGrowthState
+from lowrank_optax.fira import scale_by_hf_bias_correction
 from lowrank_optax.block import active_block_schedule
 from lowrank_optax.block import active_blocks
 from lowrank_optax.block import ActiveBlocksState

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from lowrank_optax import sharding as shd
 from lowrank_optax.subspace import SubspaceOnlyTransformation
 
 __all__ = ["scale_by_natural_fisher", "NaturalFisherState", "woodbury_fisher_solve"]
@@ -56,7 +57,9 @@ class NaturalFisherState(NamedTuple):
 
   Attributes:
     count: number of gradients seen (int32); the next slot is ``count % s``.
-    history: per leaf, ``(*batch, s, k)``: the window of flattened gradients.
+    history: per leaf, ``(*batch, s, *matrix)``: the window of the last
+      ``s`` gradients, sharded like the gradient (the window axis
+      replicated).
   """
 
   count: jax.Array
@@ -257,6 +260,65 @@ def solve_window_row(rows: jax.Array, spectrum: WindowSpectrum, damping,
   return jnp.einsum("...i,...ik->...k", coef, rows.astype(dt), precision=_HI)
 
 
+def _window_sharding(p, history: int):
+  """Sharding of a ``(*batch, s, *matrix)`` window for the leaf ``p``:
+  ``p``'s entries with a replicated window axis (``None`` if unknown)."""
+  ps = shd.leaf_sharding(p)
+  if ps is None:
+    return None
+  batch, _ = _matrix_split(p.shape)
+  spec = tuple(ps.spec) + (None,) * (p.ndim - len(ps.spec))
+  nb = len(batch)
+  return jax.sharding.NamedSharding(
+      ps.mesh, jax.sharding.PartitionSpec(*spec[:nb], None, *spec[nb:]))
+
+
+def _sharded_explicitly(h) -> bool:
+  """The window ``h`` is split over some axis in an explicit mesh, where it
+  cannot be flattened (matrix axes) or QR-factored (batched QR refuses a
+  sharded batch axis there) in place."""
+  hs = shd.leaf_sharding(h)
+  if hs is None or not shd._explicit(hs):  # pylint: disable=protected-access
+    return False
+  return any(e is not None for e in hs.spec)
+
+
+def _natural_gradient(h, g, slot, damping):
+  """``(damping I + H^T H)^{-1} g`` for ``g`` = row ``slot`` of the window ``h``.
+
+  ``h`` is ``(*batch, s, *matrix)`` and ``g`` ``(*batch, *matrix)``. A
+  window that is not sharded (or whose sharding is left to XLA, in an auto
+  mesh) is flattened and factored by a thin QR (:func:`window_spectrum`,
+  error ``~eps kappa``). A window sharded in an explicit mesh keeps its
+  sharding: its ``s x s`` Gram is a reduction over the sharded axes (no
+  gather) and its spectrum comes from ``eigh`` (:func:`gram_spectrum`, error
+  ``~eps kappa^2``, unresolved eigenvalues damped out); the result is a
+  combination of the window's rows with ``g``'s sharding.
+  """
+  batch, k = _matrix_split(g.shape)
+  nb = len(batch)
+  if not _sharded_explicitly(h):
+    flat = h.reshape(batch + (h.shape[nb],) + (k,))
+    out = solve_window_row(flat, window_spectrum(flat), damping, slot)
+    return out.reshape(g.shape)
+  mat = "klmn"[:g.ndim - nb]
+  dt = _compute_dtype(h.dtype)
+  hd = h.astype(dt)
+  hs = shd.leaf_sharding(h)
+  small = jax.sharding.NamedSharding(
+      hs.mesh, jax.sharding.PartitionSpec(*tuple(hs.spec)[:nb], None, None))
+  gram = shd.einsum(f"...i{mat},...j{mat}->...ij", hd, hd, out=small,
+                    precision=_HI)
+  spectrum = gram_spectrum(gram)
+  vecs = spectrum.vecs
+  w = damped_inverse_weights(spectrum, damping)
+  slot = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), vecs.shape[:-2])
+  row_of_v = jnp.take_along_axis(vecs, slot[..., None, None], axis=-2)[..., 0, :]
+  coef = jnp.einsum("...ij,...j->...i", vecs, w * row_of_v, precision=_HI)
+  return shd.einsum(f"...i,...i{mat}->...{mat}", coef, hd,
+                    out=shd.leaf_sharding(g), precision=_HI)
+
+
 def woodbury_fisher_solve(history: jax.Array, g: jax.Array,
                           damping: float) -> jax.Array:
   r"""``(damping I + H^T H)^{-1} g`` for ``history`` ``H`` ``(*b, s, k)``, ``g`` ``(*b, k)``.
@@ -387,8 +449,9 @@ def scale_by_natural_fisher(
 
   def init_fn(params):
     def buf(p):
-      batch, k = _matrix_split(p.shape)
-      return jnp.zeros(batch + (history, k), p.dtype)
+      batch, _ = _matrix_split(p.shape)
+      shape = batch + (history,) + tuple(p.shape[len(batch):])
+      return shd.zeros(shape, p.dtype, _window_sharding(p, history))
     return NaturalFisherState(jnp.zeros([], jnp.int32),
                               jax.tree.map(buf, params))
 
@@ -397,13 +460,13 @@ def scale_by_natural_fisher(
     slot = state.count % history
 
     def one(g, h):
-      batch, k = _matrix_split(g.shape)
-      flat = g.reshape(batch + (k,))
+      batch, _ = _matrix_split(g.shape)
       h = jax.lax.dynamic_update_index_in_dim(
-          h, flat.astype(h.dtype)[..., None, :], slot, axis=len(batch))
+          h, jnp.expand_dims(g.astype(h.dtype), len(batch)), slot,
+          axis=len(batch))
       # g is row `slot` of the window: the stable in-window solve.
-      out = solve_window_row(h, window_spectrum(h), damping, slot)
-      return out.reshape(g.shape).astype(g.dtype), h
+      out = _natural_gradient(h, g, slot, damping)
+      return out.astype(g.dtype), h
 
     pairs = jax.tree.map(one, updates, state.history)
     new_updates = jax.tree.map(lambda _, p: p[0], updates, pairs)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from lowrank_optax import sharding as shd
 from lowrank_optax.fisher import _compute_dtype
 from lowrank_optax.fisher import _matrix_split
 from lowrank_optax.fisher import gram_spectrum
@@ -156,6 +157,17 @@ def _insert_and_solve_gram(g, buf, gram, equal_rows, slot, damping, window):
 
 SOLVERS = ("auto", "qr", "gram")
 _AUTO_QR_MAX_WINDOW = 64
+
+
+def _replicated(x):
+  """``x`` replicated over an explicit mesh: the window is kept whole on every
+  device (it is flattened, and the reference's solver works on flat
+  vectors); auto meshes and unsharded arrays are left alone."""
+  s = shd.leaf_sharding(x)
+  if s is None or not shd._explicit(s):  # pylint: disable=protected-access
+    return x
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()))
 
 
 def scale_by_mfac(
@@ -337,8 +349,9 @@ def scale_by_mfac(
 
       def one(g, buf, gr, eq):
         batch, k = _matrix_split(g.shape)
-        u, *rest = solve(g.reshape(batch + (k,)), buf, gr, eq, slot)
-        return (u.reshape(g.shape).astype(g.dtype), *rest)
+        gr_ = _replicated(g)
+        u, *rest = solve(gr_.reshape(batch + (k,)), buf, gr, eq, slot)
+        return (shd.like(u.reshape(g.shape).astype(g.dtype), g), *rest)
 
       out = jax.tree.map(one, updates, state.buffer, gram, equal_rows)
       pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
@@ -348,12 +361,13 @@ def scale_by_mfac(
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves or isinstance(state.buffer, optax.MaskedNode):
       return updates, state._replace(count=count)
-    flat = jnp.concatenate([g.reshape(-1).astype(state.buffer.dtype)
+    flat = jnp.concatenate([_replicated(g).reshape(-1).astype(state.buffer.dtype)
                             for g in leaves])
     u, *rest = solve(flat, state.buffer, state.gram, state.equal_rows, slot)
     out, start = [], 0
     for g in leaves:
-      out.append(u[start:start + g.size].reshape(g.shape).astype(g.dtype))
+      out.append(shd.like(u[start:start + g.size].reshape(g.shape).astype(g.dtype),
+                          g))
       start += g.size
     return jax.tree.unflatten(treedef, out), MFACState(count, *rest)
 

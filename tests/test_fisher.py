@@ -93,8 +93,9 @@ def test_n2_first_step_is_g_over_lambda_plus_norm_squared(lam, scale):
   tx = lro.scale_by_natural_fisher(history=5, damping=lam)
   gj = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
   out, state = tx.update(gj, tx.init(gj))
-  assert state.history["mat"].shape == (5, 20)
-  assert state.history["stack"].shape == (3, 5, 20)
+  # The window keeps each gradient's shape: (*batch, s, *matrix).
+  assert state.history["mat"].shape == (5, 4, 5)
+  assert state.history["stack"].shape == (3, 5, 4, 5)
   assert state.history["vec"].shape == (5, 7)
   np.testing.assert_allclose(out["mat"], g["mat"] / (lam + np.sum(g["mat"]**2)),
                              rtol=1e-5)
@@ -152,8 +153,8 @@ def test_ring_buffer_holds_exactly_the_last_s_gradients():
     assert int(state.count) == t + 1
     for k in shapes:
       fifo[k] = (fifo[k] + [g[k].reshape(-1)])[-s:]
-      window = np.asarray(state.history[k], np.float64)
-      assert window.shape == (s, g[k].size)
+      assert state.history[k].shape == (s,) + g[k].shape
+      window = np.asarray(state.history[k], np.float64).reshape(s, -1)
       # Exactly the last min(t+1, s) gradients (as a multiset), zeros elsewhere.
       want = sorted(map(tuple, np.asarray(fifo[k], np.float32)))
       rows = [tuple(r) for r in window.astype(np.float32) if np.any(r != 0)]
@@ -202,7 +203,7 @@ def test_chain_applies_fisher_to_projected_leaves_only():
   sub = state[0]
   fisher_state, _ = sub.inner[2]
   assert isinstance(fisher_state, lro.NaturalFisherState)
-  assert fisher_state.history.shape == (s, r * r)
+  assert fisher_state.history.shape == (s, r, r)
   is_fisher = lambda x: isinstance(x, lro.NaturalFisherState)
   for i in (0, 1):  # pass-through leaves: HF Adam only, no Fisher window
     assert len(sub.inner[i]) == 1
@@ -247,7 +248,7 @@ def test_chain_applies_fisher_to_projected_leaves_only():
                                atol=1e-4 * lr, err_msg=f"step {t}")
     # The window holds exactly the low-rank gradients seen so far, old
     # bases included (not cleared at the refresh).
-    hist = np.asarray(sub.inner[2][0].history, np.float64)
+    hist = np.asarray(sub.inner[2][0].history, np.float64).reshape(s, -1)
     filled = hist[np.any(hist != 0, axis=1)]
     assert len(filled) == t + 1
     for w in window:
@@ -464,3 +465,42 @@ def test_readme_chain_with_a_big_repeated_gradient_stays_finite():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
   # Adam over an identical input is a fixed step: -lr * sign-like, bounded.
   assert float(jnp.max(jnp.abs(u["w"]))) < 1e-2
+
+
+# ---------------------------------------------------------------------------
+# A sharded window (explicit mesh): the Gram path, against float64
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("scale", [0.1, 300.0])
+def test_window_sharded_in_an_explicit_mesh(scale):
+  """A gradient split over a (4, 2) explicit mesh keeps its window split (no
+  gather: the s x s Gram is a reduction over the sharded axes) and the result
+  equals the float64 solve. The Gram squares the window's condition number,
+  so the bound is 100 eps kappa^2 (kappa: the float64 window's, over its
+  nonzero singular values); ||g||^2 / lambda reaches ~1e10 at scale 300."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tp"),
+                       axis_types=(AxisType.Explicit,) * 2)
+  s, lam, steps = 4, 1e-3, 6
+  rng = np.random.default_rng(11)
+  grads = [scale * rng.standard_normal((16, 12)) for _ in range(steps)]
+  tx = lro.scale_by_natural_fisher(history=s, damping=lam)
+  sharding = NamedSharding(mesh, P("fsdp", "tp"))
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(jnp.asarray(x, jnp.float32), sharding)
+    state = jax.jit(tx.init)({"w": put(grads[0])})
+    assert state.history["w"].sharding.spec == P(None, "fsdp", "tp")
+    update = jax.jit(tx.update)
+    for t, g in enumerate(grads):
+      out, state = update({"w": put(g)}, state)
+      assert out["w"].sharding.spec == P("fsdp", "tp")
+      assert state.history["w"].sharding.spec == P(None, "fsdp", "tp")
+      window = np.asarray(grads[max(0, t + 1 - s):t + 1], np.float32).astype(
+          np.float64).reshape(-1, g.size)
+      sv = np.linalg.svd(window, compute_uv=False)
+      kappa = sv[0] / sv[sv > 1e-12 * sv[0]][-1]
+      ref = fisher_solve_ref(window, g.astype(np.float32).astype(np.float64),
+                             lam)
+      assert np.all(np.isfinite(np.asarray(out["w"])))
+      assert rel_err(out["w"], ref) < 100 * F32_EPS * kappa**2, (t, kappa)
