@@ -35,6 +35,7 @@ from lowrank_optax.policy import MatrixView
 from lowrank_optax.policy import plan_leaves
 from lowrank_optax.policy import PolicyWarning
 from lowrank_optax import projectors
+from lowrank_optax.compat import contrib_galore
 from lowrank_optax.projectors import BasisState
 from lowrank_optax.projectors import dct_matrix
 from lowrank_optax.projectors import dct_select

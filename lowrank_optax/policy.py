@@ -19,6 +19,9 @@ user's PyTorch setting means the same thing here:
   (what the reference does for a square ``nn.Linear``).
 * ``reverse_std``: the opposite of ``std`` (on a tie, the output axis).
 * ``full``: both axes (two-sided, ``R`` is ``r x r``).
+* ``larger``: reduces the larger matrix dimension, the input axis on a tie
+  (``optax.contrib.galore``'s rule on the stored array; see
+  :func:`~lowrank_optax.contrib_galore`).
 
 Everything here is static Python evaluated at ``init`` / trace time; no arrays
 are created.
@@ -45,7 +48,7 @@ __all__ = [
     "path_to_str",
 ]
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full", "larger")
 FRACTION_OF = ("min", "reduced", "numel")
 FRACTION_ROUNDING = ("half_even", "floor")
 
@@ -338,6 +341,8 @@ def _side(proj_type: str, rows: int, cols: int) -> str:
     return "output" if cols >= rows else "reduction"
   if proj_type == "right":
     return "reduction"
+  if proj_type == "larger":  # optax.contrib.galore: the input axis on a tie
+    return "reduction" if rows >= cols else "output"
   if proj_type == "left":
     return "output"
   return "both"
