@@ -184,7 +184,9 @@ def _natural_galore(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTr
 def _osd(learning_rate: Schedule, c: TrainConfig) -> optax.GradientTransformation:
   kw = _projection(c)
   kw.pop('projector')  # its projector is the online PCA
+  # The basis optimizer's lr follows the schedule as (1/T) lr_t / lr_peak.
   return lro.online_subspace_descent(learning_rate, scale=c.galore_scale,
+                                     peak_learning_rate=c.lr,
                                      weight_decay=c.weight_decay, **kw)
 
 

@@ -20,10 +20,13 @@ from lowrank_optax.fira import scale_by_hf_bias_correction
 from lowrank_optax.block import active_block_schedule
 from lowrank_optax.block import active_blocks
 from lowrank_optax.block import ActiveBlocksState
+from lowrank_optax.dct_adamw import dct_adamw
+from lowrank_optax.dct_adamw import DCTAdamWConfig
 from lowrank_optax.fisher import NaturalFisherState
 from lowrank_optax.fisher import scale_by_natural_fisher
 from lowrank_optax.fisher import woodbury_fisher_solve
 from lowrank_optax.mfac import MFACState, mfac_solve, scale_by_mfac
+from lowrank_optax.osd import online_subspace_descent
 from lowrank_optax.frugal import frugal
 from lowrank_optax.frugal import frugal_project
 from lowrank_optax.memory import LeafMemory
@@ -59,6 +62,12 @@ from lowrank_optax.quantization import stochastic_round_int8
 from lowrank_optax.quantization import stochastic_round_to_bf16
 from lowrank_optax.recipes import galore
 from lowrank_optax.recipes import skip_nonfinite_steps
+from lowrank_optax.reset import is_moment_state
+from lowrank_optax.reset import quick_recovery_schedule
+from lowrank_optax.reset import refactorize
+from lowrank_optax.reset import reset_every
+from lowrank_optax.reset import reset_moment_states
+from lowrank_optax.reset import ResetEveryState
 from lowrank_optax.residual import Closer
 from lowrank_optax.residual import CloseContext
 from lowrank_optax.residual import sgd_residual

@@ -36,6 +36,7 @@ import re
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
+import numpy as np
 
 __all__ = [
     "MatrixView",
@@ -304,23 +305,46 @@ def _lookup_view(spec: ViewSpec, path: str, leaf, attention: dict):
   raise TypeError(f"Unsupported dimension_numbers {spec!r}.")
 
 
-def _check_rank_value(rank, path: str, allow_zero: bool):
+_STATIC_HINT = (
+    " The rank sets the shapes of the optimizer state, so it cannot be a"
+    " traced or array hyper-parameter: under optax.inject_hyperparams pass it"
+    " in static_args, e.g. optax.inject_hyperparams(lro.galore,"
+    " static_args=('rank',))(learning_rate=schedule, rank=128).")
+
+
+def _check_rank_value(rank, where: str, allow_zero: bool):
+  """Validates one rank; ``where`` says whose rank it is, for the message."""
   if rank is None:
     return
+  if isinstance(rank, (jax.Array, np.ndarray)) or hasattr(rank, "aval"):
+    raise TypeError(f"The rank {where} is an array ({rank!r})." + _STATIC_HINT)
   if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
-    raise TypeError(f"Rank for {path!r} must be an int, a float fraction in"
-                    f" (0, 1], or None; got {rank!r}.")
+    raise TypeError(f"The rank {where} must be an int, a float fraction in"
+                    f" (0, 1], or None (full rank); got {rank!r}.")
   if isinstance(rank, numbers.Integral):
     if rank < 0 or (rank == 0 and not allow_zero):
       raise ValueError(
-          f"Rank for {path!r} must be a positive int, got {rank}. (Rank 0, an"
+          f"The rank {where} must be a positive int, got {rank}. (Rank 0, an"
           " empty subspace, is accepted only together with a residual rule"
           " such as lro.sign_residual(), where it means a state-free step on"
-          " the whole gradient.)")
+          " the whole gradient; None keeps a leaf at full rank.)")
   else:
     if not 0.0 < float(rank) <= 1.0:
-      raise ValueError(f"A fractional rank for {path!r} must lie in (0, 1],"
-                       f" got {rank}.")
+      raise ValueError(f"A fractional rank {where} must lie in (0, 1] (a"
+                       f" fraction of the matrix dimension), got {rank}.")
+
+
+def check_pattern(pattern, what: str) -> None:
+  """A clear error for a path regex that does not compile."""
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ValueError(
+        f"The {what} {pattern!r} is not a valid regular expression ({e})."
+        " Patterns are Python regexes matched with re.search (case"
+        " insensitive) against leaf paths such as"
+        " 'blocks/0/attn/q_proj/kernel'; escape literal characters with"
+        " re.escape.") from None
 
 
 def _resolve_rank(rank, size: int, rounding: str = "half_even") -> int:
@@ -358,12 +382,21 @@ def check_rank_spec(rank: RankSpec, allow_zero: bool = False) -> None:
   """Validates a rank policy eagerly (at construction time) where possible."""
   if isinstance(rank, Mapping):
     for pattern, r in rank.items():
-      re.compile(pattern)
-      _check_rank_value(r, f"rule {pattern!r}", allow_zero)
-  elif callable(rank):
+      check_pattern(pattern, "rank rule")
+      _check_rank_value(r, f"of the rule {pattern!r}", allow_zero)
+  elif callable(rank) and not hasattr(rank, "aval"):
     return
   else:
-    _check_rank_value(rank, "all leaves", allow_zero)
+    _check_rank_value(rank, "(the rank of every projected leaf)", allow_zero)
+
+
+def check_view_spec(spec, exclude) -> None:
+  """Validates the regexes of a dimension_numbers dict and of exclude."""
+  if isinstance(spec, Mapping):
+    for pattern in spec:
+      check_pattern(pattern, "dimension_numbers rule")
+  if exclude is not None:
+    check_pattern(exclude, "exclude pattern")
 
 
 def plan_leaves(
@@ -446,7 +479,8 @@ def plan_leaves(
       leaf_rank = rank(path, leaf)
     else:
       leaf_rank = rank
-    _check_rank_value(leaf_rank, path, allow_zero_rank)
+    _check_rank_value(leaf_rank, f"of leaf {path!r} (shape {shape})",
+                      allow_zero_rank)
 
     view, explicit_view = _lookup_view(dimension_numbers, path, leaf,
                                        attention)

@@ -348,7 +348,7 @@ def reset_moments(fresh, state, lowrank_shape, where):
 
 
 def keep_if_nonfinite(x, new, old):
-  """``new`` if every entry of ``x`` is finite, else ``old`` (a select per array).
+  """``new`` if every entry of ``x`` is finite, else ``old`` (one select each).
 
   The guard of :func:`subspace`: ``x`` is what a leaf's inner transform
   reads (the low-rank gradient ``R``, or the full gradient of a pass-through
@@ -356,6 +356,24 @@ def keep_if_nonfinite(x, new, old):
   check reduces over ``x`` (the size of the leaf's inner state) and the
   select fuses into the producers of ``new``; a state without arrays needs
   no check.
+
+  Args:
+    x: the array whose finiteness decides.
+    new: the pytree to return if ``x`` is all finite.
+    old: a pytree of the same structure, shapes and dtypes, returned
+      otherwise.
+
+  Returns:
+    ``new`` or ``old``, leaf by leaf (with ``old``'s sharding).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from lowrank_optax.subspace import keep_if_nonfinite as keep
+    >>> old, new = jnp.zeros(2), jnp.ones(2)
+    >>> keep(jnp.array([1.0, jnp.nan]), new, old)
+    Array([0., 0.], dtype=float32)
+    >>> keep(jnp.array([1.0, 2.0]), new, old)
+    Array([1., 1.], dtype=float32)
   """
   if not jax.tree.leaves(old):
     return new
@@ -364,7 +382,7 @@ def keep_if_nonfinite(x, new, old):
 
 
 def _check_leaf_dtype(path: str, dtype, projected: bool, what: str) -> None:
-  """Integer / bool leaves (and complex projected ones) fail with a clear message."""
+  """Integer / bool leaves (and complex projected ones) fail with a message."""
   if jnp.issubdtype(dtype, jnp.floating) or (
       not projected and jnp.issubdtype(dtype, jnp.complexfloating)):
     return
@@ -382,6 +400,28 @@ def _check_leaf_dtype(path: str, dtype, projected: bool, what: str) -> None:
       " (nnx.Optimizer(..., wrt=nnx.Param), eqx.is_inexact_array) or freeze"
       " them with optax.partition({'train': tx, 'frozen':"
       " optax.set_to_zero()}, labels).")
+
+
+def _raise_if_shapes_changed(err, path, g, plan, pstate, istate):
+  """Re-raises a failed leaf update with its cause when the gradient's shape
+  is not the one the leaf's state was made for (a changed or transposed
+  parameter between ``init`` and ``update``)."""
+  have = [tuple(x.shape) for x in jax.tree.leaves((pstate, istate))]
+  if plan is None:
+    fits = all(len(s) != g.ndim or s == tuple(g.shape) for s in have)
+    want = tuple(g.shape)
+  else:
+    want = plan.lowrank_shape
+    fits = any(s == tuple(want) for s in have) or not have
+  if fits:
+    return
+  raise ValueError(
+      f"Leaf {path!r}: the gradient has shape {tuple(g.shape)}, but the"
+      f" optimizer state of this leaf holds arrays of shapes {sorted(set(have))}"
+      f" (a gradient of this shape needs {want}). The params given to init and"
+      " the gradients given to update must have the same shapes: was the"
+      " parameter resized or transposed after init? Re-run init (or restore"
+      " a state made for these shapes).") from err
 
 
 def _needs_params_hint(err: Exception) -> bool:
@@ -580,21 +620,12 @@ def subspace(
     count = state.count
     new_leaves, new_proj, new_inner, new_res = [], [], [], []
     refreshes = []
-    for g, plan, pstate, istate, rstate, dtype in zip(
-        leaves, plans, state.projector, state.inner, state.residual,
-        out_dtypes):
-      if not jnp.issubdtype(g.dtype, jnp.inexact):  # int, bool, float0
-        _check_leaf_dtype(policy_lib.path_to_str(
-            jax.tree_util.tree_flatten_with_path(updates)[0][
-                len(new_leaves)][0]), g.dtype, plan is not None, "gradient")
+    def update_leaf(g, plan, pstate, istate, rstate, dtype):
+      """One leaf: ``(update, projector, inner, closer state, refresh flag)``."""
       if plan is None:
         u, new_istate = full_rank_inner.update(g, istate, None, **extra_args)
         istate = keep_if_nonfinite(g, new_istate, istate)
-        new_leaves.append(u.astype(dtype))
-        new_proj.append(pstate)
-        new_inner.append(istate)
-        new_res.append(rstate)
-        continue
+        return u.astype(dtype), pstate, istate, rstate, None
 
       gm = plan.to_matrix(g)
       mb_state, res_state = rstate
@@ -603,16 +634,12 @@ def subspace(
                                         config.scale)
         term, new_res_state = residual.apply(ctx, res_state)
         res_state = keep_if_nonfinite(gm, new_res_state, res_state)
-        new_leaves.append(shd.like(plan.from_matrix(term.astype(dtype)), g))
-        new_proj.append(pstate)
-        new_inner.append(istate)
-        new_res.append((mb_state, res_state))
-        continue
+        u = shd.like(plan.from_matrix(term.astype(dtype)), g)
+        return u, pstate, istate, (mb_state, res_state), None
 
       before = (istate, rstate)  # kept if this step's R is not finite
       pstate, istate, refresh = _refresh_leaf(config, plan, gm, pstate,
                                               istate, count, n_projected)
-      refreshes.append(refresh)
       if config.on_refresh == "reset":
         fresh = inner.init(_lowrank_zeros(plan, g.dtype))
         istate = reset_moments(fresh, istate, projector.lowrank_shape(plan),
@@ -634,13 +661,36 @@ def subspace(
           upd = term if upd is None else upd + term
       if upd is None:  # every term dropped (e.g. a map-back of zero)
         upd = jnp.zeros_like(gm)
-      new_leaves.append(shd.like(plan.from_matrix(upd.astype(dtype)), g))
+      u = shd.like(plan.from_matrix(upd.astype(dtype)), g)
       (new_pstate, istate, cstates) = keep_if_nonfinite(
           r, (projector.advance(plan, gm, pstate, count), istate,
               tuple(new_cstates)), (pstate,) + before)
-      new_proj.append(new_pstate)
+      return u, new_pstate, istate, cstates, refresh
+
+    paths = None
+    for i, (g, plan, pstate, istate, rstate, dtype) in enumerate(zip(
+        leaves, plans, state.projector, state.inner, state.residual,
+        out_dtypes)):
+      if not jnp.issubdtype(g.dtype, jnp.inexact):  # int, bool, float0
+        _check_leaf_dtype(policy_lib.path_to_str(
+            jax.tree_util.tree_flatten_with_path(updates)[0][i][0]),
+                          g.dtype, plan is not None, "gradient")
+      try:
+        u, pstate, istate, rstate, refresh = update_leaf(
+            g, plan, pstate, istate, rstate, dtype)
+      except Exception as e:  # pylint: disable=broad-except
+        if paths is None:
+          paths = [policy_lib.path_to_str(k) for k, _ in
+                   jax.tree_util.tree_flatten_with_path(updates)[0]]
+        _raise_if_shapes_changed(e, paths[i], g, plan, state.projector[i],
+                                 state.inner[i])
+        raise
+      if refresh is not None:
+        refreshes.append(refresh)
+      new_leaves.append(u)
+      new_proj.append(pstate)
       new_inner.append(istate)
-      new_res.append(cstates)
+      new_res.append(rstate)
 
     new_state = SubspaceState(
         count=numerics.safe_int32_increment(count),
@@ -743,6 +793,7 @@ def galore_project(
   """
   policy_lib.check_rank_spec(rank, allow_zero=True)
   policy_lib.check_proj_type(proj_type)
+  policy_lib.check_view_spec(dimension_numbers, exclude)
   # Numeric arguments may arrive as (traced) arrays under
   # optax.inject_hyperparams; Python values are validated here.
   if isinstance(update_proj_gap, bool) or (
@@ -751,7 +802,8 @@ def galore_project(
     raise ValueError(f"update_proj_gap must be a positive int, got"
                      f" {update_proj_gap!r}.")
   proj = projectors_lib.make(projector, iters=subspace_iters,
-                             init_iters=subspace_init_iters, score=dct_score)
+                             init_iters=subspace_init_iters, score=dct_score,
+                             update_proj_gap=update_proj_gap)
   return ProjectionElement(ProjectionConfig(
       rank=rank, update_proj_gap=update_proj_gap, scale=scale,
       proj_type=proj_type, projector=proj, on_refresh=on_refresh,

@@ -76,6 +76,11 @@ from lowrank_optax.projectors.iterative import randomized_basis
 from lowrank_optax.projectors.iterative import RandomizedProjector
 from lowrank_optax.projectors.iterative import subspace_iteration_basis
 from lowrank_optax.projectors.iterative import SubspaceIterationProjector
+from lowrank_optax.projectors.online_pca import default_p_optimizer
+from lowrank_optax.projectors.online_pca import online_pca_grad
+from lowrank_optax.projectors.online_pca import online_pca_loss
+from lowrank_optax.projectors.online_pca import OnlinePCAProjector
+from lowrank_optax.projectors.online_pca import OnlinePCAState
 from lowrank_optax.projectors.random import gaussian_matrices
 from lowrank_optax.projectors.random import GaussianProjector
 from lowrank_optax.projectors.random import GaussianState
@@ -93,6 +98,8 @@ __all__ = [
     "TwoSidedCoordinateState", "random_indices",
     "GaussianProjector", "GaussianState", "OrthogonalProjector",
     "gaussian_matrices",
+    "OnlinePCAProjector", "OnlinePCAState", "online_pca_loss",
+    "online_pca_grad", "default_p_optimizer",
 ]
 
 _REGISTRY: dict = {}
@@ -137,3 +144,4 @@ register(OrthogonalProjector)
 for _cls in (RandPermProjector, ColumnsProjector, RowsProjector,
              RandKProjector):
   register(_cls)
+register(OnlinePCAProjector)
