@@ -27,6 +27,8 @@ from lowrank_optax.fisher import scale_by_natural_fisher
 from lowrank_optax.fisher import woodbury_fisher_solve
 from lowrank_optax.mfac import MFACState, mfac_solve, scale_by_mfac
 from lowrank_optax.osd import online_subspace_descent
+from lowrank_optax.natural_galore import natural_galore
+from lowrank_optax.q_galore import q_galore
 from lowrank_optax.frugal import frugal
 from lowrank_optax.frugal import frugal_project
 from lowrank_optax.memory import LeafMemory

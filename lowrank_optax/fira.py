@@ -161,7 +161,9 @@ def channel_ratio(plan, inner: jax.Array, lowrank: jax.Array) -> jax.Array:
   axis = _reduced_axis(plan)
   num = jnp.linalg.norm(inner.astype(jnp.float32), axis=axis, keepdims=True)
   den = jnp.linalg.norm(lowrank.astype(jnp.float32), axis=axis, keepdims=True)
-  return num / (den + RATIO_EPS)
+  # The low-rank arrays may split the kept axis over mesh axes the gradient
+  # uses elsewhere (FSDP, sharding.lowrank); the factor multiplies G.
+  return shd.reshard(num / (den + RATIO_EPS), shd.channels(plan))
 
 
 def _check_gamma(gamma):

@@ -28,8 +28,11 @@ class LeafMemory:
   Attributes:
     path: the leaf's path.
     shape: the parameter's shape.
-    rank: its subspace rank, or ``None`` at full rank.
-    state_bytes: bytes of its projector, inner and residual state.
+    rank: its subspace rank, or ``None`` at full rank (or unknown).
+    side: the reduced matrix axis: ``"inputs"``, ``"outputs"`` or ``"both"``
+      (two-sided); ``None`` at full rank or when the transform does not say.
+    projector: the projector's name, or ``None``.
+    state_bytes: bytes of its projector, inner and closer state.
     adam_bytes: bytes ``optax.adam`` keeps for it (``mu`` and ``nu``).
   """
 
@@ -38,6 +41,21 @@ class LeafMemory:
   rank: Optional[int]
   state_bytes: int
   adam_bytes: int
+  side: Optional[str] = None
+  projector: Optional[str] = None
+
+
+_UNITS = (("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30),
+          ("TiB", 2**40))
+
+
+def _unit_for(nbytes: int):
+  """The largest binary unit in which ``nbytes`` is at least 1."""
+  name, size = _UNITS[0]
+  for n, sz in _UNITS:
+    if nbytes >= sz:
+      name, size = n, sz
+  return name, size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,25 +81,44 @@ class MemoryReport:
     return self.state_bytes / max(self.adam_bytes, 1)
 
   def __str__(self):
-    def fmt(b):
-      for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(b) < 1024 or unit == "GiB":
-          return f"{b:.1f} {unit}" if unit != "B" else f"{b} B"
-        b /= 1024
-    rows = [("leaf", "shape", "rank", "state", "adam")]
+    unit, size = _unit_for(max(self.state_bytes, self.adam_bytes))
+    fmt = lambda b: f"{b / size:,.3f}" if size > 1 else f"{b:,}"
+    rows = [("leaf", "shape", "rank", "side", "projector", f"state ({unit})",
+             f"adam ({unit})", "state/adam")]
     for l in self.leaves:
       rows.append((l.path, "x".join(map(str, l.shape)) or "()",
                    "full" if l.rank is None else str(l.rank),
-                   fmt(l.state_bytes), fmt(l.adam_bytes)))
+                   l.side or "-", l.projector or "-",
+                   fmt(l.state_bytes), fmt(l.adam_bytes),
+                   f"{l.state_bytes / l.adam_bytes:.3f}" if l.adam_bytes
+                   else "-"))
     if self.leaves:
-      rows.append(("(other)", "", "", fmt(self.other_bytes), ""))
-    rows.append(("total", "", "", fmt(self.state_bytes), fmt(self.adam_bytes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+      rows.append(("(other: counters, ...)", "", "", "", "",
+                   fmt(self.other_bytes), "", ""))
+    rows.append(("total", "", "", "", "", fmt(self.state_bytes),
+                 fmt(self.adam_bytes), f"{self.ratio:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"state / adam = {self.ratio:.3f}")
+    lines.append(f"(bytes in {unit}, 1 {unit} = {size:,} bytes; adam ="
+                 " optax.adam's mu and nu on the same params)")
     return "\n".join(lines)
+
+
+_SIDES = {"reduction": "inputs", "output": "outputs", "both": "both"}
+
+
+def _leaf_info(tx, params):
+  """Per leaf ``(rank, side, projector name)`` from ``tx``'s projection, if known."""
+  config = getattr(tx, "projection", None)
+  n = len(jax.tree.leaves(params))
+  if config is None:
+    return [None] * n
+  plans = config.plans(params, allow_zero_rank=True)
+  name = getattr(config.projector, "name", "") or type(config.projector).__name__
+  return [None if p is None else (p.rank, _SIDES[p.side], name) for p in plans]
 
 
 def memory_report(tx: optax.GradientTransformation, params) -> MemoryReport:
@@ -89,11 +126,14 @@ def memory_report(tx: optax.GradientTransformation, params) -> MemoryReport:
 
   Nothing is allocated: the state's shapes come from ``jax.eval_shape``, so
   ``params`` may be ``jax.ShapeDtypeStruct`` leaves of a model too large for
-  the host.
+  the host. ``print`` the result for a per-leaf table (path, shape, rank, the
+  reduced side, the projector, state and Adam bytes in one stated unit).
 
   Args:
     tx: any optax transform (per-leaf rows need a :func:`~lowrank_optax.chain`
-      / :func:`~lowrank_optax.subspace` transform inside).
+      / :func:`~lowrank_optax.subspace` transform inside; rank, side and
+      projector columns need the transform as the library returns it, not
+      wrapped by another optax transform).
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
 
   Returns:
@@ -105,6 +145,8 @@ def memory_report(tx: optax.GradientTransformation, params) -> MemoryReport:
     >>> rep = lro.memory_report(lro.galore(1e-2, rank=128), params)
     >>> rep.state_bytes < rep.adam_bytes
     True
+    >>> rep.leaves[0].rank, rep.leaves[0].side
+    (128, 'inputs')
   """
   state = jax.eval_shape(tx.init, params)
   adam_state = jax.eval_shape(optax.adam(1e-3).init, params)
@@ -117,17 +159,18 @@ def memory_report(tx: optax.GradientTransformation, params) -> MemoryReport:
     return MemoryReport(total, adam_total)
   sub = subs[0]
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  info = _leaf_info(tx, params)
   attributed = 0
   rows = []
   for i, (path, leaf) in enumerate(with_path):
     b = tree_bytes((sub.projector[i], sub.inner[i], sub.residual[i]))
     attributed += b
-    proj = sub.projector[i]
-    rank = None
-    if not isinstance(proj, optax.MaskedNode):
-      rank = jax.tree.leaves(proj)[0].shape[-1]
+    rank = side = proj = None
+    if info[i] is not None:
+      rank, side, proj = info[i]
     rows.append(LeafMemory(policy_lib.path_to_str(path), tuple(leaf.shape),
-                           rank, b,
+                           rank,
+                           b,
                            2 * int(np.prod(leaf.shape)) *
-                           np.dtype(leaf.dtype).itemsize))
+                           np.dtype(leaf.dtype).itemsize, side, proj))
   return MemoryReport(total, adam_total, tuple(rows), total - attributed)

@@ -59,16 +59,19 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation,
     raise ValueError(f"skip_nonfinite must be one of {SKIP_NONFINITE}, got"
                      f" {skip!r}.")
   if skip is False:
-    return tx
+    return tx  # (keeps tx's projection)
   if skip == "step":
     guarded = optax.apply_if_finite(
         tx, max_consecutive_errors=NEVER_APPLY_NONFINITE)
   else:
     guarded = optax.chain(tx, transforms.zero_nonfinite_updates())
   # Its counters go on the params' mesh like the rest of the state.
-  return optax.GradientTransformationExtraArgs(
+  out = optax.GradientTransformationExtraArgs(
       lambda params: subspace_lib.on_params_mesh(guarded.init(params), params),
       guarded.update)
+  projection = getattr(tx, "projection", None)
+  return out if projection is None else subspace_lib.with_projection(
+      out, projection)
 
 
 def galore(

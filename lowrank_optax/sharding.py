@@ -4,7 +4,12 @@ DESIGN.md's rule: for a projected leaf whose matrix view ``(*batch, M, N)`` is
 sharded ``P(*b, a, c)``, an ``(M, r)`` array is ``P(*b, a, None)``, an
 ``(r, N)`` array ``P(*b, None, c)``; a basis of the ``M`` axis (``(M, r)``)
 is ``P(*b, a, None)`` and one of the ``N`` axis ``P(*b, c, None)``; index
-arrays ``(*batch, r)`` are ``P(*b, None)``.
+arrays ``(*batch, r)`` are ``P(*b, None)``. Where the param leaves the kept
+axis unsharded (FSDP on the other axis: ``c`` is ``None``), the other axis's
+mesh axes move onto it when they divide it: ``(r, N)``
+becomes ``P(*b, None, a)``, so the per-device state is the total over the
+devices, as DESIGN.md also asks; when it does not divide them either, they
+go onto the ``r`` axis (:func:`_entries`).
 
 Three situations are handled, all by reading the leaf's sharding with
 :func:`leaf_sharding`:
@@ -24,6 +29,7 @@ Three situations are handled, all by reading the leaf's sharding with
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax
@@ -134,22 +140,72 @@ def matrix(plan) -> Optional[NamedSharding]:
   return None if ms is None else ms.named(ms.rows, ms.cols)
 
 
+def _mesh_size(mesh, entry) -> int:
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  size = 1
+  for n in names:
+    size *= mesh.shape[n]
+  return size
+
+
+def _entries(plan, axis: str, rank_size: int):
+  """Mesh-axis entries ``(kept axis, r axis)`` of a low-rank array that keeps
+  the matrix axis ``axis`` (``"rows"`` / ``"cols"``) next to an axis of size
+  ``rank_size`` (``(M, r)``, ``(r, N)``, a basis ``(d, r)``).
+
+  The param's own entry for the kept axis, with ``r`` unsharded, if it has
+  one (DESIGN.md: ``P(a, b)`` over ``(M, N)`` gives ``P(a, None)`` for
+  ``(M, r)`` and ``P(None, b)`` for ``(r, N)``). If the param does not shard
+  that axis, the mesh axes it uses on the other matrix axis move onto the
+  kept axis, or onto ``r`` if the kept axis does not divide by them (and stay
+  off the array if neither does): under FSDP a param sharded ``P(a, None)``
+  gets ``P(None, a)`` for an ``(r, N)`` moment (or ``P(a, None)``, split over
+  ``r``) instead of a replicated one, so every low-rank array is split over
+  the devices its param is split over and the per-device state is the total
+  over the devices, as the params'.
+  """
+  ms = plan.sharding
+  own, other = (ms.rows, ms.cols) if axis == "rows" else (ms.cols, ms.rows)
+  if own is not None or other is None:
+    return own, None
+  size = plan.rows if axis == "rows" else plan.cols
+  n = _mesh_size(ms.mesh, other)
+  if size % n == 0:
+    return other, None
+  if rank_size % n == 0:
+    return None, other
+  return None, None
+
+
 def lowrank(plan) -> Optional[NamedSharding]:
   """``plan.lowrank_shape``: ``(r, N)``, ``(M, r)`` or ``(r, r)``."""
   ms = plan.sharding
   if ms is None:
     return None
   if plan.side == "reduction":
-    return ms.named(None, ms.cols)
+    kept, on_r = _entries(plan, "cols", plan.rank)
+    return ms.named(on_r, kept)
   if plan.side == "output":
-    return ms.named(ms.rows, None)
+    kept, on_r = _entries(plan, "rows", plan.rank)
+    return ms.named(kept, on_r)
   return ms.named(None, None)
 
 
 def basis(plan, axis: str) -> Optional[NamedSharding]:
   """``(*batch, d, r)`` basis of the ``"rows"`` (``M``) or ``"cols"`` axis."""
   ms = plan.sharding
-  return None if ms is None else ms.named(ms.of_axis(axis), None)
+  return None if ms is None else ms.named(*_entries(plan, axis, plan.rank))
+
+
+def channels(plan) -> Optional[NamedSharding]:
+  """A per-channel factor ``(*batch, 1, N)`` / ``(*batch, M, 1)`` along the
+  kept axis, laid out as the gradient is there (so it multiplies ``G``)."""
+  ms = plan.sharding
+  if ms is None:
+    return None
+  if plan.side == "reduction":
+    return ms.named(None, ms.cols)
+  return ms.named(ms.rows, None)
 
 
 def vectors(plan) -> Optional[NamedSharding]:
@@ -224,6 +280,34 @@ def reshard(x, sharding: Optional[NamedSharding]):
   return x
 
 
+def rows_unsharded(a):
+  """``a`` (``(*batch, d, n)``) with the mesh axes of its row axis ``d`` moved onto ``n``.
+
+  For a product that needs every row of ``a`` on each device while
+  contracting ``n`` (a ``d x d`` Gram, the DCT coefficients ``C^T a``): with
+  ``d`` sharded, XLA would all-gather ``a`` (or all-reduce a full-size
+  partial product); after this reshard (an all-to-all: each device
+  exchanges its own shard, ``1/p`` of ``a``) the contraction over ``n`` is
+  local and only its small result is reduced. Identity when ``d`` is
+  unsharded, outside explicit meshes, or when ``n`` does not divide by the
+  combined mesh axes.
+  """
+  s = leaf_sharding(a)
+  if not _explicit(s):
+    return a
+  spec = tuple(s.spec) + (None,) * (a.ndim - len(s.spec))
+  rows, cols = spec[-2], spec[-1]
+  if rows is None:
+    return a
+  names = lambda e: () if e is None else ((e,) if isinstance(e, str)
+                                          else tuple(e))
+  moved = names(cols) + names(rows)
+  if a.shape[-1] % math.prod(s.mesh.shape[n] for n in moved):
+    return a
+  return jax.sharding.reshard(
+      a, NamedSharding(s.mesh, P(*spec[:-2], None, moved)))
+
+
 def like(x, ref):
   """``x`` resharded to ``ref``'s sharding in an explicit mesh.
 
@@ -247,7 +331,24 @@ def place(x, sharding: Optional[NamedSharding]):
     return reshard(x, sharding)
   if isinstance(sharding.mesh, jax.sharding.AbstractMesh):
     return x
-  return jax.device_put(x, sharding)
+  return jax.device_put(x, canonical(sharding, x.ndim))
+
+
+def canonical(sharding: NamedSharding, ndim: int) -> NamedSharding:
+  """``sharding`` of an ``ndim``-array spelled with one entry per axis.
+
+  ``jax.jit`` spells the shardings it computes for its outputs that way
+  (``P("a", None)``, not ``P("a")``; the type, in an explicit mesh). An
+  eager ``init`` placed this way feeds a jitted update whose state outputs
+  have the very same shardings, so the update compiles once (jit's cache
+  compares shardings exactly, not by equivalence).
+  """
+  spec = tuple(sharding.spec)
+  want = spec + (None,) * (ndim - len(spec))
+  if want == spec:
+    return sharding
+  return NamedSharding(sharding.mesh, P(*want),
+                       memory_kind=sharding.memory_kind)
 
 
 def zeros(shape, dtype, sharding: Optional[NamedSharding]):

@@ -48,6 +48,7 @@ __all__ = [
     "ProjectionConfig",
     "ProjectionElement",
     "SubspaceOnlyTransformation",
+    "LowRankTransformation",
     "subspace",
     "galore_project",
     "back_project",
@@ -79,6 +80,25 @@ class SubspaceState(NamedTuple):
   inner: tuple
   residual: tuple
   refreshed: jax.Array
+
+
+class LowRankTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transform that remembers its projection.
+
+  What :func:`subspace`, :func:`chain` and the recipes return: a
+  ``GradientTransformationExtraArgs`` (``init``, ``update``) with an extra
+  attribute ``projection``, the :class:`ProjectionConfig`, so that
+  :func:`~lowrank_optax.memory_report` can say each leaf's rank, side and
+  projector. Wrapping it in another optax transform keeps it working (only
+  that report loses those columns).
+  """
+
+
+def with_projection(tx, config) -> LowRankTransformation:
+  """``tx`` as a :class:`LowRankTransformation` remembering ``config``."""
+  out = LowRankTransformation(tx.init, tx.update)
+  out.projection = config
+  return out
 
 
 class SubspaceOnlyTransformation(optax.GradientTransformationExtraArgs):
@@ -700,7 +720,8 @@ def subspace(
         residual=tuple(new_res))
     return jax.tree.unflatten(treedef, new_leaves), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return with_projection(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn), config)
 
 
 def galore_project(
@@ -891,6 +912,6 @@ def chain(*elements) -> optax.GradientTransformationExtraArgs:
                      map_back=(closers["map_back"] or [None])[0])
   chained = optax.chain(*elements[:p], wrapped, *elements[end:])
   # The counters of the full-space elements (pre / post) go on the mesh too.
-  return optax.GradientTransformationExtraArgs(
+  return with_projection(optax.GradientTransformationExtraArgs(
       lambda params: on_params_mesh(chained.init(params), params),
-      chained.update)
+      chained.update), elements[p].config)

@@ -177,8 +177,15 @@ def test_memory_report():
                                       + 1000 * 256 + 256) + 4
   rows = {l.path: l for l in rep.leaves}
   assert rows["layers/attn"].rank == r and rows["embed"].rank is None
+  # 256 x 256 (a tie) and 256 -> 1024: the input axis is reduced, by the
+  # default projector; pass-through leaves have neither.
+  assert (rows["layers/attn"].side, rows["layers/mlp"].side) == ("inputs",
+                                                                 "inputs")
+  assert rows["layers/attn"].projector == "subspace_iteration"
+  assert rows["embed"].side is None and rows["embed"].projector is None
   text = str(rep)
   assert "layers/mlp" in text and "total" in text
+  assert "(bytes in MiB, 1 MiB = 1,048,576 bytes" in text
 
 
 def test_flax_nnx_optimizer():

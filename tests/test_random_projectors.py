@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lowrank_optax as lro
+from _state import kept_entries
 from lowrank_optax import projectors
 from lowrank_optax import sharding as shd
 
@@ -231,7 +232,10 @@ def test_regeneration_is_sharded_and_sharding_invariant(spec):
 
   with jax.set_mesh(mesh):
     p = regen(x, state)
-  want = NamedSharding(mesh, P(spec[0], None))
+  # The basis of the rows keeps the param's rows entry, or takes the
+  # columns' fsdp when the param leaves the rows unsharded (the FSDP rule).
+  want = NamedSharding(mesh, P(*kept_entries(spec[0], spec[1], shape[0],
+                                             RANK, {"fsdp": 8})))
   assert p.sharding.is_equivalent_to(want, 2), p.sharding
   np.testing.assert_array_equal(
       np.asarray(p), np.asarray(projectors.gaussian_matrices(plan0, state)[0]))

@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lowrank_optax as lro
+from _state import kept_entries
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -58,17 +59,20 @@ def side_of(shape):
   return "input" if m_in <= n_out else "output"
 
 
-def expected_specs(shape, spec, rank=RANK):
+def expected_specs(shape, spec, rank=RANK, mesh_sizes=None):
   """(lowrank R spec, basis spec) from DESIGN.md's rule; shapes too."""
+  mesh_sizes = mesh_sizes or {"fsdp": 8}
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   batch, (sm, sn) = spec[:-2], spec[-2:]
   m, n = shape[-2:]
+  keep_m = kept_entries(sm, sn, m, rank, mesh_sizes)  # (m, r) arrays
+  keep_n = kept_entries(sn, sm, n, rank, mesh_sizes)  # (r, n) / (n, r)
   if side_of(shape) == "output":  # reduce n: R (m, r), basis of n (n, r)
-    return ((shape[:-2] + (m, rank), P(*batch, sm, None)),
-            (shape[:-2] + (n, rank), P(*batch, sn, None)))
+    return ((shape[:-2] + (m, rank), P(*batch, *keep_m)),
+            (shape[:-2] + (n, rank), P(*batch, *keep_n)))
   # reduce m: R (r, n), basis of m (m, r)
-  return ((shape[:-2] + (rank, n), P(*batch, None, sn)),
-          (shape[:-2] + (m, rank), P(*batch, sm, None)))
+  return ((shape[:-2] + (rank, n), P(*batch, keep_n[1], keep_n[0])),
+          (shape[:-2] + (m, rank), P(*batch, *keep_m)))
 
 
 def make_params(mesh, leaves, seed=0):
@@ -113,7 +117,9 @@ def check_state_shardings(state, mesh, leaves, what):
         assert arr.shape == shape
         assert_sharded_as(arr, mesh, spec, f"{what} {k} full-rank moment")
       continue
-    (r_shape, r_spec), (q_shape, q_spec) = expected_specs(shape, spec)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    (r_shape, r_spec), (q_shape, q_spec) = expected_specs(
+        shape, spec, mesh_sizes=sizes)
     for name, arr in (("mu", inner.mu), ("nu", inner.nu)):
       assert arr.shape == r_shape, (what, k, name, arr.shape)
       assert_sharded_as(arr, mesh, r_spec, f"{what} {k} {name}")
@@ -136,13 +142,18 @@ def runs():
     grads = make_grads(mesh, leaves, STEPS)
     state = tx.init(params)
     step = jax.jit(tx.update)
-    rec = {"tx": tx, "leaves": leaves, "step": step, "mesh": mesh,
-           "grads": grads,
+    # The training-step pattern: the update applied inside the jitted step,
+    # where XLA gives it the params' sharding (in an auto mesh the sharding
+    # of an update returned on its own is XLA's choice).
+    train = jax.jit(lambda g, s, p: (lambda u, s: (
+        u, s, optax.apply_updates(p, u)))(*tx.update(g, s, p)))
+    rec = {"tx": tx, "leaves": leaves, "step": step, "train": train,
+           "mesh": mesh, "grads": grads,
            "params": [params], "states": [state], "updates": [],
            "cache": []}
     for g in grads:
-      u, state = step(g, state, params)
-      params = optax.apply_updates(params, u)
+      step(g, state, params)  # the bare update compiles once too
+      u, state, params = train(g, state, params)
       rec["updates"].append(u)
       rec["params"].append(params)
       rec["states"].append(state)
@@ -284,7 +295,7 @@ def test_orbax_resume_is_bit_exact_across_a_refresh(runs, tmp_path):
   """
   ocp = pytest.importorskip("orbax.checkpoint")
   rec = runs["galore"]
-  tx, step = rec["tx"], rec["step"]
+  tx, train = rec["tx"], rec["train"]
   k = 3
   params, state = rec["params"][k], rec["states"][k]
   ckpt = ocp.StandardCheckpointer()
@@ -314,8 +325,7 @@ def test_orbax_resume_is_bit_exact_across_a_refresh(runs, tmp_path):
 
   params, state = restored["params"], restored["opt_state"]
   for t in range(k, STEPS):
-    u, state = step(rec["grads"][t], state, params)
-    params = optax.apply_updates(params, u)
+    _, state, params = train(rec["grads"][t], state, params)
     for name in rec["leaves"]:
       np.testing.assert_array_equal(np.asarray(params[name]),
                                     np.asarray(rec["params"][t + 1][name]),

@@ -9,13 +9,18 @@ that moves every step). One module per family:
 ==========================  ==================================================
 module                      projectors (``projector=`` name)
 ==========================  ==================================================
-:mod:`.exact`               ``"svd"`` (the reference), ``"eigh"``
+:mod:`.exact`               ``"svd"`` (the reference), ``"eigh"``, ``"tucker"``
+                            (Natural GaLore's: the SVD with tensorly's signs)
 :mod:`.iterative`           ``"subspace_iteration"`` (default), ``"randomized"``
 :mod:`.dct`                 ``"dct"`` (SVD-free DCT column selection)
 :mod:`.coordinates`         ``"randperm"``, ``"columns"``, ``"rows"``, ``"randk"``
                             (FRUGAL: random coordinates; state = indices)
 :mod:`.random`              ``"gaussian"`` (APOLLO: seeded, regenerated, state
                             = key only), ``"orthogonal"`` (FRUGAL ``random``)
+:mod:`.quantized`           ``"int4_svd"`` (Q-GaLore: int4-packed basis, lazy
+                            layer-adaptive refresh)
+:mod:`.online_pca`          ``"online_pca"`` (Online Subspace Descent: a basis
+                            moved every step by its own optimizer)
 ==========================  ==================================================
 
 ``projector=`` in :func:`~lowrank_optax.galore_project` and the recipes takes
@@ -70,8 +75,10 @@ from lowrank_optax.projectors.dct import IndexState
 from lowrank_optax.projectors.dct import TwoSidedIndexState
 from lowrank_optax.projectors.exact import eigh_basis
 from lowrank_optax.projectors.exact import EighProjector
+from lowrank_optax.projectors.exact import flip_signs
 from lowrank_optax.projectors.exact import svd_basis
 from lowrank_optax.projectors.exact import SVDProjector
+from lowrank_optax.projectors.exact import TuckerProjector
 from lowrank_optax.projectors.iterative import randomized_basis
 from lowrank_optax.projectors.iterative import RandomizedProjector
 from lowrank_optax.projectors.iterative import subspace_iteration_basis
@@ -81,6 +88,8 @@ from lowrank_optax.projectors.online_pca import online_pca_grad
 from lowrank_optax.projectors.online_pca import online_pca_loss
 from lowrank_optax.projectors.online_pca import OnlinePCAProjector
 from lowrank_optax.projectors.online_pca import OnlinePCAState
+from lowrank_optax.projectors.quantized import QuantizedBasisState
+from lowrank_optax.projectors.quantized import QuantizedProjector
 from lowrank_optax.projectors.random import gaussian_matrices
 from lowrank_optax.projectors.random import GaussianProjector
 from lowrank_optax.projectors.random import GaussianState
@@ -98,6 +107,8 @@ __all__ = [
     "TwoSidedCoordinateState", "random_indices",
     "GaussianProjector", "GaussianState", "OrthogonalProjector",
     "gaussian_matrices",
+    "QuantizedProjector", "QuantizedBasisState", "TuckerProjector",
+    "flip_signs",
     "OnlinePCAProjector", "OnlinePCAState", "online_pca_loss",
     "online_pca_grad", "default_p_optimizer",
 ]
@@ -145,3 +156,5 @@ for _cls in (RandPermProjector, ColumnsProjector, RowsProjector,
              RandKProjector):
   register(_cls)
 register(OnlinePCAProjector)
+register(QuantizedProjector)
+register(TuckerProjector)

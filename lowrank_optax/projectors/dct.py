@@ -6,8 +6,13 @@ reference) or squared ``l2`` norm of the gradient's coefficients on it; the
 top-``r`` columns are kept. The state is only their ``r`` ``int32`` indices
 per matrix; the basis columns are computed from the indices when needed
 (:func:`dct_matrix`), never stored. Under sharding the scores are one
-product with the replicated DCT matrix (reductions over the sharded axes),
-so the gradient is not gathered.
+product with the replicated DCT matrix, so the gradient is not gathered: in
+an explicit mesh a sharded reduced axis is first moved onto the other axis
+(an all-to-all, :func:`~lowrank_optax.sharding.rows_unsharded`) and only the
+``d`` scores are all-reduced; the selected columns are sliced to the
+basis's sharding, so ``down`` / ``up`` reduce ``r``-wide blocks. (In an auto
+mesh the sharding is unknown while tracing: XLA all-reduces the full-size
+coefficients ``C^T G`` when the reduced axis is sharded.)
 
 Deviation from the reference: the selected indices are sorted ascending
 (the reference keeps ``top_k``'s order, which permutes the slots of kept
@@ -130,7 +135,15 @@ def dct_matrix(d: int, indices: Optional[jax.Array] = None,
   phase = (k * (2 * j + 1)) % jnp.uint32(4 * d)
   scale = jnp.where(k == 0, np.sqrt(1.0 / d), np.sqrt(2.0 / d)).astype(
       jnp.float32)
-  return (scale * jnp.asarray(_cos_table(d))[phase]).astype(dtype)
+  table = jnp.asarray(_cos_table(d))
+  out = shd.leaf_sharding(phase)
+  if shd._explicit(out):  # pylint: disable=protected-access
+    # Batch-sharded indices (stacked leaves) in an explicit mesh: a lookup
+    # into the unsharded table must name its output sharding.
+    values = table.at[phase].get(out_sharding=out)
+  else:
+    values = table[phase]
+  return (scale * values).astype(dtype)
 
 
 def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
@@ -167,6 +180,10 @@ def dct_select(a: jax.Array, rank: int, score: str = "l1") -> jax.Array:
     raise ValueError(f"Unknown DCT score {score!r}; expected one of"
                      f" {DCT_SCORES}.")
   d = a.shape[-2]
+  # A sharded d would gather a (or all-reduce the full-size S): move its
+  # mesh axes onto n first, so S keeps n sharded and only the d scores are
+  # reduced.
+  a = shd.rows_unsharded(a)
   s = shd.einsum("dk,...dn->...kn", dct_matrix(d), a,
                  out=shd.derived(a, None, -1))
   if score == "l1":
@@ -220,8 +237,12 @@ class DCTProjector(Projector):
 
   @staticmethod
   def bases(plan, state, dtype) -> tuple:
-    """The selected DCT columns, ``(*batch, d, r)`` per reduced axis."""
-    return tuple(dct_matrix(axis_size(plan, ax), idx, dtype)
+    """The selected DCT columns, ``(*batch, d, r)`` per reduced axis, sharded
+    as a stored basis would be (a local slice of the replicated columns: a
+    product with a sharded ``G`` then reduces ``r``-wide blocks instead of
+    gathering ``G``)."""
+    return tuple(shd.reshard(dct_matrix(axis_size(plan, ax), idx, dtype),
+                             shd.basis(plan, ax))
                  for ax, idx in zip(reduced_axes(plan), state))
 
   def down(self, plan, g, state):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from lowrank_optax import sharding as shd
 from lowrank_optax.projectors.base import (BasisProjector, HIGHEST,
                                            orthonormalize)
+from lowrank_optax.projectors.exact import eigh_basis
 
 __all__ = ["SubspaceIterationProjector", "RandomizedProjector",
            "subspace_iteration_basis", "randomized_basis"]
@@ -44,7 +45,15 @@ __all__ = ["SubspaceIterationProjector", "RandomizedProjector",
 
 def subspace_iteration_basis(a: jax.Array, start: jax.Array,
                              iters: int = 1) -> jax.Array:
-  """``iters`` steps of ``Q <- orth(a orth(a^T Q))`` from ``start`` (``(*b, d, r)``)."""
+  """``iters`` steps of ``Q <- orth(a orth(a^T Q))`` from ``start`` (``(*b, d, r)``).
+
+  A rank above ``n`` (more directions than ``a``'s range has; an explicit
+  rank on a forced side) cannot be iterated (``a^T Q`` has rank ``n < r``):
+  the top eigenvectors of the ``d x d`` Gram are returned instead
+  (:func:`~lowrank_optax.projectors.eigh_basis`).
+  """
+  if start.shape[-1] > a.shape[-1]:
+    return eigh_basis(a, start.shape[-1])
   along_n, along_d = shd.block_of(a, -1), shd.block_of(a, -2)
 
   def step(_, q):
@@ -61,8 +70,15 @@ def subspace_iteration_basis(a: jax.Array, start: jax.Array,
 
 def randomized_basis(a: jax.Array, rank: int, key: jax.Array,
                      oversample: int = 8, power_iters: int = 2) -> jax.Array:
-  """Randomized range finder (Halko et al. 2011) with power iterations."""
+  """Randomized range finder (Halko et al. 2011) with power iterations.
+
+  A ``rank`` above ``n`` (more directions than ``a``'s range has; an
+  explicit rank on a forced side) takes the top eigenvectors of the
+  ``d x d`` Gram instead (:func:`~lowrank_optax.projectors.eigh_basis`).
+  """
   d, n = a.shape[-2:]
+  if rank > n:
+    return eigh_basis(a, rank)
   k = min(rank + oversample, d, n)
   along_n, along_d = shd.block_of(a, -1), shd.block_of(a, -2)
   omega = shd.reshard(jax.random.normal(key, a.shape[:-2] + (n, k), a.dtype),
