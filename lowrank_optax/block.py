@@ -32,7 +32,7 @@ from optax._src import numerics
 
 from lowrank_optax import policy as policy_lib
 from lowrank_optax import sharding as shd
-from lowrank_optax.subspace import _on_params_mesh  # pylint: disable=protected-access
+from lowrank_optax import subspace as subspace_lib
 
 __all__ = ["ActiveBlocksState", "active_blocks", "BLOCK_ORDERS",
            "STATE_FREE_RULES", "active_block_schedule"]
@@ -441,7 +441,7 @@ def active_blocks(
         slots=(jnp.full((len(layout.blocks),), -1, jnp.int32)
                if layout.blocks else optax.MaskedNode()),
         pools=tuple(pools), full=tuple(full))
-    return _on_params_mesh(state, params)
+    return subspace_lib.on_params_mesh(state, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     leaves, treedef = jax.tree.flatten(updates)
@@ -502,7 +502,10 @@ def active_blocks(
             lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False),
             pool)
         pc = None if p is None else shd.like(p, canonical)
-        u, s = inner.update(gc, s, pc, **extra_args)
+        u, s_new = inner.update(gc, s, pc, **extra_args)
+        # A block whose gradient is not finite keeps its slot's state (the
+        # update stays non-finite, for lro.zero_nonfinite_updates to drop).
+        s = subspace_lib.keep_if_nonfinite(gc, s_new, s)
         pool = jax.tree.map(
             lambda x, y: jax.lax.dynamic_update_index_in_dim(
                 x, y.astype(x.dtype)[None], slot, 0), pool, s)
@@ -525,6 +528,8 @@ def active_blocks(
         continue
       u, new_full[i] = full_rank_inner.update(g, state.full[i], p_leaves[i],
                                               **extra_args)
+      new_full[i] = subspace_lib.keep_if_nonfinite(g, new_full[i],
+                                                   state.full[i])
       dtype = p_leaves[i].dtype if p_leaves[i] is not None else g.dtype
       out[i] = u.astype(dtype)
 

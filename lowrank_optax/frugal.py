@@ -32,6 +32,7 @@ from lowrank_optax import policy as policy_lib
 from lowrank_optax import projectors as projectors_lib
 from lowrank_optax import residual as residual_lib
 from lowrank_optax import subspace as subspace_lib
+from lowrank_optax.recipes import skip_nonfinite_steps
 
 __all__ = ["frugal", "frugal_project", "MODES"]
 
@@ -168,6 +169,7 @@ def frugal(
     dimension_numbers: Any = None,
     exclude: Optional[str] = policy_lib.DEFAULT_EXCLUDE,
     seed: int = 0,
+    skip_nonfinite: Any = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FRUGAL-AdamW: Adam on a state-full part, signSGD on the rest.
 
@@ -269,6 +271,11 @@ def frugal(
     dimension_numbers: matrix views (projection modes).
     exclude: regex of paths that are never projectable / blocks.
     seed: seed of the random draws.
+    skip_nonfinite: a leaf whose gradient is not finite keeps its state and
+      gets a zero update (``True``, the default), or the whole step is
+      skipped (``"step"``), or nothing (``False``); see
+      :func:`~lowrank_optax.recipes.skip_nonfinite_steps`. The reference
+      applies non-finite updates.
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -323,10 +330,10 @@ def frugal(
             exclude=exclude, seed=seed),
         *decay, *lr)
     # The schedule's counter goes on the params' mesh too (as lro.chain does).
-    return optax.GradientTransformationExtraArgs(
-        lambda params: subspace_lib._on_params_mesh(  # pylint: disable=protected-access
-            chained.init(params), params),
-        chained.update)
+    return skip_nonfinite_steps(optax.GradientTransformationExtraArgs(
+        lambda params: subspace_lib.on_params_mesh(chained.init(params),
+                                                   params),
+        chained.update), skip_nonfinite)
 
   if projector is None:
     projector = _DEFAULT_PROJECTOR[mode]
@@ -339,7 +346,7 @@ def frugal(
     raise ValueError("rho=0 with state_free='none' never updates the"
                      " projectable parameters.")
   free_scale = proj_params_lr_scale * inactive_lr_scale
-  return subspace_lib.chain(
+  return skip_nonfinite_steps(subspace_lib.chain(
       frugal_project(rho, projector=proj, update_gap=update_gap,
                      proj_type=proj_type, reset_statistics=reset_statistics,
                      scale=proj_params_lr_scale,
@@ -347,4 +354,4 @@ def frugal(
                      seed=seed),
       state_full,
       _closer(state_free, free_scale),
-      *decay, *lr)
+      *decay, *lr), skip_nonfinite)

@@ -265,9 +265,6 @@ def subspace_state(opt_state) -> SubspaceState:
   return found[0]
 
 
-_on_params_mesh = on_params_mesh  # the name block.py imports
-
-
 def _refresh_offset(plan: policy_lib.LeafPlan, n_projected: int, gap: int,
                     stagger: bool) -> int:
   if not stagger or n_projected == 0:

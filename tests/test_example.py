@@ -98,12 +98,17 @@ def test_resume_from_a_checkpoint_is_bit_exact(tmp_path):
   assert [s for s, n in refreshed.items() if n] == [6, 11]
 
 
-@pytest.mark.parametrize('optimizer', ['contrib_galore', 'frugal'])
-def test_other_recipes_run(tmp_path, optimizer):
-  record = pretrain_lm.train(dict(TINY, optimizer=optimizer, steps=8, eval_every=8,
-                                  update_proj_gap=4, out=str(tmp_path)))
-  _check_outputs(record, tmp_path, optimizer)
-  assert record['metrics']['held_out_loss'] < record['metrics']['held_out_loss_initial']
+@pytest.mark.parametrize('optimizer', sorted(set(pretrain_lm.OPTIMIZERS) - {'adamw', 'galore'}))
+def test_every_recipe_trains_the_main_jobs_model(tmp_path, optimizer):
+  """Each recipe (at the main job's per-method settings) lowers the held-out
+  loss of the main job's model within a few steps (from ~ln 256)."""
+  record = pretrain_lm.train(dict(TINY, dim=32, n_layers=1, optimizer=optimizer,
+                                  steps=8, eval_every=8, eval_batches=1,
+                                  update_proj_gap=4, plot=False, out=str(tmp_path)))
+  m = record['metrics']
+  assert all(math.isfinite(x) for x in record['curves']['train_loss'])
+  assert m['held_out_loss'] < m['held_out_loss_initial'] - 0.05, m
+  assert m['state_bytes'] < m['adamw_state_bytes'], m
 
 
 def test_rank_policy_flag():
