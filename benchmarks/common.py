@@ -36,7 +36,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 LRO_PROJECTORS = ("svd", "subspace_iteration", "eigh", "randomized", "dct")
-METHOD_FLAGS = ("", "stagger", "reverse_std", "noskip")
+METHOD_FLAGS = ("", "stagger", "reverse_std", "noskip", "skipstep")
 
 
 def import_lro():
@@ -129,9 +129,11 @@ def make_methods(names: list[str] | str, *, rank: int, gap: int, lr: float = 1e-
         continue
       stagger = flag == "stagger"
       proj_type = "reverse_std" if flag == "reverse_std" else "std"
-      # "+noskip": without the recipe's default skip of non-finite steps
-      # (optax.apply_if_finite around the whole update).
-      skip = flag != "noskip"
+      # The recipe's default drops the non-finite leaves' updates and keeps
+      # their state (lro.zero_nonfinite_updates); "+noskip": no skip at all;
+      # "+skipstep": the whole step skipped when any gradient is not finite
+      # (skip_nonfinite="step", optax.apply_if_finite's rule).
+      skip = {"noskip": False, "skipstep": "step"}.get(flag, True)
       label = f"lro.galore[{proj}{', ' + flag if flag else ''}] r{rank}"
       out.append(Method(n, label,
                         (lambda proj=proj, stagger=stagger, proj_type=proj_type, skip=skip:

@@ -289,10 +289,13 @@ def apollo(
     weight_decay_mask: optional mask for the decay.
     scale_front: apply ``sqrt(scale)`` before the limiter.
     norm_growth_limit: ``gamma`` (1.01); ``None`` is ``disable_nl=True``.
-    stagger, dimension_numbers, exclude, seed, subspace_iters,
-      subspace_init_iters, on_refresh, dct_score, state_dtype, basis_dtype,
-      skip_nonfinite: as in :func:`~lowrank_optax.galore` (``seed`` also
-      seeds the Gaussian projections; ``basis_dtype`` applies to stored
+    stagger, dimension_numbers, exclude, seed: as in
+      :func:`~lowrank_optax.galore` (``seed`` also seeds the Gaussian
+      projections).
+    subspace_iters, subspace_init_iters, on_refresh, dct_score: as in
+      :func:`~lowrank_optax.galore`.
+    state_dtype, basis_dtype, skip_nonfinite: as in
+      :func:`~lowrank_optax.galore` (``basis_dtype`` applies to stored
       bases, e.g. ``projector="svd"``).
 
   Returns:
@@ -372,11 +375,13 @@ def apollo_mini(
     learning_rate: ``eta``, a float or an optax schedule.
     scale: APOLLO's ``scale`` (``sqrt(scale)`` is applied; 128 -> 11.3).
     scale_front: apply ``sqrt(scale)`` before the limiter.
-    projector, update_proj_gap, proj_type, b1, b2, eps, weight_decay,
-      weight_decay_mask, norm_growth_limit, stagger, dimension_numbers,
-      exclude, seed, subspace_iters, subspace_init_iters, on_refresh,
-      dct_score, state_dtype, basis_dtype, skip_nonfinite: as in
+    projector, update_proj_gap, proj_type: as in :func:`apollo`.
+    b1, b2, eps, weight_decay, weight_decay_mask: as in :func:`apollo`.
+    norm_growth_limit, stagger, dimension_numbers: as in :func:`apollo`.
+    exclude, seed, subspace_iters, subspace_init_iters: as in
       :func:`apollo`.
+    on_refresh, dct_score, state_dtype, basis_dtype: as in :func:`apollo`.
+    skip_nonfinite: as in :func:`apollo`.
 
   Returns:
     A ``GradientTransformationExtraArgs``.

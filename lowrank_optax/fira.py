@@ -404,9 +404,12 @@ def fira(
     weight_decay_mask: optional mask for the decay.
     norm_growth_limit: ``gamma`` of the limiter (1.01), or ``None``.
     residual_uses_scale: see :func:`fira_residual`.
-    stagger, dimension_numbers, exclude, seed, subspace_iters,
-      subspace_init_iters, on_refresh, dct_score, state_dtype, basis_dtype,
-      skip_nonfinite: as in :func:`~lowrank_optax.galore`.
+    stagger, dimension_numbers, exclude, seed: as in
+      :func:`~lowrank_optax.galore`.
+    subspace_iters, subspace_init_iters, on_refresh, dct_score: as in
+      :func:`~lowrank_optax.galore`.
+    state_dtype, basis_dtype, skip_nonfinite: as in
+      :func:`~lowrank_optax.galore`.
 
   Returns:
     A ``GradientTransformationExtraArgs``.

@@ -167,8 +167,10 @@ def online_subspace_descent(
     peak_learning_rate: ``lr_0`` for a scheduled ``learning_rate``.
     p_lr_multiplier: ``count -> factor`` multiplying the basis optimizer's
       update; overrides the ratio from ``learning_rate``.
-    proj_type, stagger, on_refresh, dimension_numbers, exclude, seed,
-      state_dtype, basis_dtype: as in :func:`~lowrank_optax.galore`.
+    proj_type, stagger, on_refresh, dimension_numbers: as in
+      :func:`~lowrank_optax.galore`.
+    exclude, seed, state_dtype, basis_dtype: as in
+      :func:`~lowrank_optax.galore`.
     skip_nonfinite: see :func:`~lowrank_optax.skip_nonfinite_steps`.
 
   Returns:

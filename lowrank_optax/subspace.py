@@ -115,8 +115,9 @@ class ProjectionConfig:
   """Everything that defines a projection (static; see :func:`galore_project`).
 
   Attributes:
-    rank, update_proj_gap, scale, proj_type, on_refresh, stagger,
-      dimension_numbers, exclude, seed: as in :func:`galore_project`.
+    rank, update_proj_gap, scale, proj_type, on_refresh: as in
+      :func:`galore_project`.
+    stagger, dimension_numbers, exclude, seed: as in :func:`galore_project`.
     projector: a :class:`~lowrank_optax.projectors.Projector` instance.
     refresh_offset: added to every leaf's refresh offset: leaves refresh at
       count 0 and where ``(count + offset) % update_proj_gap == 0``; ``1``
@@ -364,21 +365,21 @@ def reset_moments(fresh, state, lowrank_shape, where):
   return walk(fresh, state)
 
 
-def keep_if_nonfinite(x, new, old):
+def keep_if_nonfinite(x, new, old, finite=None):
   """``new`` if every entry of ``x`` is finite, else ``old`` (one select each).
 
-  The guard of :func:`subspace`: ``x`` is what a leaf's inner transform
-  reads (the low-rank gradient ``R``, or the full gradient of a pass-through
-  leaf), ``new`` / ``old`` the leaf's state after / before the step. The
-  check reduces over ``x`` (the size of the leaf's inner state) and the
-  select fuses into the producers of ``new``; a state without arrays needs
-  no check.
+  The guard of :func:`subspace`: ``x`` is the leaf's gradient (an input of
+  the step, so its reduction does not wait for anything the step computes),
+  ``new`` / ``old`` the leaf's state after / before the step. The select
+  fuses into the producers of ``new``; a state without arrays needs no
+  check.
 
   Args:
     x: the array whose finiteness decides.
     new: the pytree to return if ``x`` is all finite.
     old: a pytree of the same structure, shapes and dtypes, returned
       otherwise.
+    finite: ``jnp.all(jnp.isfinite(x))`` if the caller has it already.
 
   Returns:
     ``new`` or ``old``, leaf by leaf (with ``old``'s sharding).
@@ -394,7 +395,7 @@ def keep_if_nonfinite(x, new, old):
   """
   if not jax.tree.leaves(old):
     return new
-  ok = jnp.all(jnp.isfinite(x))
+  ok = jnp.all(jnp.isfinite(x)) if finite is None else finite
   return jax.tree.map(lambda a, b: shd.like(jnp.where(ok, a, b), b), new, old)
 
 
@@ -513,21 +514,23 @@ def subspace(
 
   Non-finite gradients, per leaf (what the bare transform does; the recipes
   also zero such a leaf's update or skip the whole step, see
-  :func:`~lowrank_optax.skip_nonfinite_steps`): a leaf whose inner-transform
-  input is not all finite (the low-rank ``R``; the full gradient of a
-  pass-through leaf or of a rank-0 leaf) keeps its inner and closer state
-  (moments, counters, limiters) as they were before the step
-  (:func:`keep_if_nonfinite`: one reduction over ``R`` and a select that
-  fuses into the state update). Every projector that reads ``G`` maps a
-  NaN / Inf anywhere in ``G`` into ``R`` (``0 * inf`` is NaN); the
-  coordinate projectors (``randperm``, ``randk``, ...) only read their
-  coordinates, so a non-finite entry outside them reaches only the
-  residual. A refresh on a non-finite gradient keeps the previous basis
-  (:meth:`~lowrank_optax.projectors.Projector.refresh`; the random
+  :func:`~lowrank_optax.skip_nonfinite_steps`): a leaf whose gradient ``G``
+  is not all finite keeps its projector, inner and closer state (moments,
+  counters, limiters) as they were before the step
+  (:func:`keep_if_nonfinite`: one reduction over ``G``, the one the
+  refresh's guard makes too, and a select that fuses into the state
+  update). The check reads ``G``, not ``R``: a reduction over ``R`` (which
+  a down-projection produces inside the step) kept every leaf's new state
+  alive beside its old one, which at LLaMA-1B shapes raised the compiled
+  optimizer step's temp from 4.5 to 7.8 GiB (benchmarks/RESULTS.md). An
+  ``R`` that overflows from a finite ``G`` (entries near the dtype's
+  maximum) is not caught by this check. A refresh on a non-finite gradient
+  keeps the previous basis (:meth:`~lowrank_optax.projectors.Projector.refresh`; the random
   projectors, which do not read ``G``, redraw as scheduled), so a leaf whose
   very first gradient is not finite keeps its placeholder start (a fixed
   orthonormal basis) until its next scheduled refresh. The leaf's *update*
-  is computed as usual and so is not finite: the failure stays visible, as
+  is not finite (a projected leaf's is NaN even where ``R`` happened to
+  read only finite entries): the failure stays visible, as
   with any optax transform, and the next finite step continues from the
   kept state. Other leaves are not affected. Integer and bool leaves raise
   a ``TypeError`` at ``init`` that names the leaf (filter or freeze them);
@@ -678,10 +681,15 @@ def subspace(
           upd = term if upd is None else upd + term
       if upd is None:  # every term dropped (e.g. a map-back of zero)
         upd = jnp.zeros_like(gm)
+      # A gradient with a NaN / Inf outside what R reads (coordinate
+      # projectors) must not give a finite update from kept state: the
+      # update is made non-finite too, for the recipes' skip to drop.
+      finite = jnp.all(jnp.isfinite(gm))
+      upd = jnp.where(finite, upd, jnp.nan)
       u = shd.like(plan.from_matrix(upd.astype(dtype)), g)
       (new_pstate, istate, cstates) = keep_if_nonfinite(
-          r, (projector.advance(plan, gm, pstate, count), istate,
-              tuple(new_cstates)), (pstate,) + before)
+          gm, (projector.advance(plan, gm, pstate, count), istate,
+              tuple(new_cstates)), (pstate,) + before, finite=finite)
       return u, new_pstate, istate, cstates, refresh
 
     paths = None

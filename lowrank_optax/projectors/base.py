@@ -326,10 +326,17 @@ def _replicated(x):
   return jax.sharding.reshard(x, full), s
 
 
+def _eye(n: int, dtype) -> jax.Array:
+  """``jnp.eye(n)`` from two iotas (the same program, traced without a jit wrapper)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return (rows == cols).astype(dtype)
+
+
 def inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
   """``L^{-1}`` for the Cholesky factor ``L`` of ``(*batch, r, r)`` ``gram``."""
   gram, sharding = _replicated(gram)
-  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+  eye = _eye(gram.shape[-1], gram.dtype)
 
   def factor(g):
     chol = jnp.linalg.cholesky(g)
@@ -354,7 +361,7 @@ def orthonormalize(y: jax.Array, passes: int = 3) -> jax.Array:
   """
   y = y / (jnp.linalg.norm(y, axis=-2, keepdims=True) + 1e-30)
   r = y.shape[-1]
-  eye = jnp.eye(r, dtype=y.dtype)
+  eye = _eye(r, y.dtype)
   ys, small = shd.leaf_sharding(y), shd.small_of(y)
   for i in range(passes):
     gram = shd.einsum("...dr,...ds->...rs", y, y, out=small, precision=HIGHEST)
