@@ -32,7 +32,7 @@ Tolerances:
   500x the absolute and O(1) against the relative tolerance.
   (With ``jax.distributed.initialize`` in the 1-process run too, gloo does
   the reductions in both and the two runs are bit-identical; see
-  docs_drafts/multihost.md. This test compares against the plain
+  docs/multihost.md. This test compares against the plain
   single-process run, whose collectives do not go through gloo at all.)
 * restore-and-continue in the 2-process run: **bit-exact**. The restored
   arrays hold the bytes that were saved (checked by checksum), they carry the
