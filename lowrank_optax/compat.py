@@ -169,4 +169,10 @@ def contrib_galore(
   def update_fn(updates, state, params=None, **extra_args):
     return build(updates).update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # The projection depends on the params (each leaf's dimension numbers):
+  # memory_report asks for it with the params it reports on.
+  out = subspace_lib.LowRankTransformation(init_fn, update_fn)
+  out.projection = None
+  out.projection_for = lambda params: getattr(build(params), "projection",
+                                              None)
+  return out

@@ -113,6 +113,8 @@ _SIDES = {"reduction": "inputs", "output": "outputs", "both": "both"}
 def _leaf_info(tx, params):
   """Per leaf ``(rank, side, projector name)`` from ``tx``'s projection, if known."""
   config = getattr(tx, "projection", None)
+  if config is None and callable(getattr(tx, "projection_for", None)):
+    config = tx.projection_for(params)   # built from the params (contrib_galore)
   n = len(jax.tree.leaves(params))
   if config is None:
     return [None] * n

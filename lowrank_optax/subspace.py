@@ -261,8 +261,14 @@ def subspace_state(opt_state) -> SubspaceState:
       opt_state, is_leaf=lambda x: isinstance(x, SubspaceState))
            if isinstance(x, SubspaceState)]
   if len(found) != 1:
+    hint = (" This optimizer has no projection (optax's own transforms,"
+            " lro.frugal(mode='block') whose state is ActiveBlocksState, or"
+            " a transform built without lro.chain / lro.subspace), so there"
+            " is no per-leaf refresh state to read." if not found else
+            " Several lro.chain / lro.subspace transforms are in the state:"
+            " pass the part of the state that belongs to one of them.")
     raise ValueError(f"Expected one SubspaceState in the optimizer state,"
-                     f" found {len(found)}.")
+                     f" found {len(found)}.{hint}")
   return found[0]
 
 

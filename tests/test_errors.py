@@ -111,3 +111,29 @@ def test_projection_element_in_optax_chain_names_lro_chain():
   tx = optax.chain(lro.galore_project(4), optax.scale_by_adam())
   with pytest.raises(TypeError, match=r"lro\.chain"):
     tx.init(PARAMS)
+
+
+def test_subspace_state_without_a_projection_says_why():
+  with pytest.raises(ValueError, match=r"found 0\. This optimizer has no"
+                     r" projection .*lro\.frugal\(mode='block'\)"):
+    lro.subspace_state(optax.adamw(1e-3).init(PARAMS))
+  state = lro.frugal(1e-3, rho=0.5).init(PARAMS)
+  with pytest.raises(ValueError, match=r"ActiveBlocksState"):
+    lro.subspace_state(state)
+  two = (lro.galore(1e-2, rank=4).init(PARAMS),
+         lro.galore(1e-2, rank=4).init(PARAMS))
+  with pytest.raises(ValueError, match=r"found 2\. Several"):
+    lro.subspace_state(two)
+
+
+def test_memory_report_rows_of_contrib_galore_name_rank_and_side():
+  # Its projection is built from the params; the report asks for it with
+  # the params it reports on. optax.contrib.galore reduces the larger
+  # dimension: for a (32, 64) kernel that is the 64 outputs.
+  rep = lro.memory_report(lro.contrib_galore(1e-3, rank=4), PARAMS)
+  rows = {r.path: r for r in rep.leaves}
+  assert (rows["blocks/mlp"].rank, rows["blocks/mlp"].side) == (4, "outputs")
+  # A leaf's state: a 64 x 4 basis and two 32 x 4 moments (float32), plus
+  # the inner Adam's int32 counter.
+  assert rows["blocks/mlp"].state_bytes == (64 * 4 + 2 * 32 * 4) * 4 + 4
+  assert rows["norm"].rank is None
