@@ -44,7 +44,8 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation,
   * ``"step"``: ``optax.apply_if_finite(tx)``: one check of the whole
     gradient decides for the step. It makes every update wait for every
     gradient: at LLaMA-1B shapes the compiled training step's temp grows from
-    2.36 GiB to 11.27 GiB (benchmarks/RESULTS.md).
+    2.95 GiB to 13.37 GiB, a peak of 1.28x AdamW's (benchmarks/RESULTS.md,
+    "Non-finite guards").
   * ``False``: nothing (a non-finite update is returned as it is; the
     subspace still keeps the leaf's state).
 
