@@ -523,15 +523,16 @@ def subspace(
   :func:`~lowrank_optax.skip_nonfinite_steps`): a leaf whose gradient ``G``
   is not all finite keeps its projector, inner and closer state (moments,
   counters, limiters) as they were before the step
-  (:func:`keep_if_nonfinite`: one reduction over ``G``, the one the
-  refresh's guard makes too, and a select that fuses into the state
-  update). The check reads ``G``, not ``R``: a reduction over ``R`` (which
-  a down-projection produces inside the step) kept every leaf's new state
-  alive beside its old one, which at LLaMA-1B shapes raised the compiled
-  optimizer step's temp from 4.5 to 7.8 GiB (benchmarks/RESULTS.md). An
+  (:func:`keep_if_nonfinite`: one reduction over ``G`` and a select that
+  fuses into the state update). The check reads ``G``, not ``R``: a
+  reduction over ``R`` (which a down-projection produces inside the step)
+  kept every leaf's new state alive beside its old one, which at LLaMA-1B
+  shapes raised the compiled optimizer step's temp from 4.5 to 7.8 GiB
+  (benchmarks/RESULTS.md). An
   ``R`` that overflows from a finite ``G`` (entries near the dtype's
-  maximum) is not caught by this check. A refresh on a non-finite gradient
-  keeps the previous basis (:meth:`~lowrank_optax.projectors.Projector.refresh`; the random
+  maximum) is not caught by this check. A refresh on a non-finite
+  gradient keeps the previous basis
+  (:meth:`~lowrank_optax.projectors.Projector.refresh`; the random
   projectors, which do not read ``G``, redraw as scheduled), so a leaf whose
   very first gradient is not finite keeps its placeholder start (a fixed
   orthonormal basis) until its next scheduled refresh. The leaf's *update*
