@@ -82,8 +82,10 @@ def table(records) -> str:
     m = ok[0]["metrics"]
     tok = float(np.median([median_step_tok_s(r) for r in ok]))
     spread = (max(losses) - min(losses)) / 2
-    refresh = (f"{m['refresh_steps']} ({m['refresh_step_median_s'] * 1e3:.0f} vs"
-               f" {m['other_step_median_s'] * 1e3:.0f})" if m["refresh_steps"] else "0")
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}"
+    # (every step refreshes at T = 1: then there is no "other" step)
+    refresh = (f"{m['refresh_steps']} ({ms(m['refresh_step_median_s'])} vs"
+               f" {ms(m['other_step_median_s'])})" if m["refresh_steps"] else "0")
     rows.append(
         f"| {method} | {np.mean(losses):.4f} ± {spread:.4f} (n={len(losses)}) |"
         f" {np.mean(losses) / base_mean:.4f}x | {m['state_bytes'] / 2**20:.3f} MiB |"
@@ -96,13 +98,14 @@ def plot(records, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5))
-  for method, recs in records.items():
+  for i, (method, recs) in enumerate(records.items()):
     ok = [r for r in recs if "metrics" in r]
     if not ok:
       continue
     steps = ok[0]["curves"]["eval_step"]
     losses = np.mean([r["curves"]["eval_loss"] for r in ok], axis=0)
     ax.plot(steps[1:], losses[1:], "o-", ms=3, label=method,
+            color=plt.cm.tab20(2 * i % 20 + (2 * i // 20)),
             ls="--" if method in ("adamw", "contrib_galore") else "-")
   ax.set_xlabel("step")
   ax.set_ylabel("held-out loss (nats / byte), mean over seeds")
@@ -120,6 +123,8 @@ def main(argv=None):
   ap.add_argument("--seeds", default="0,1")
   ap.add_argument("--steps", type=int, default=None, help="default: the main job's")
   ap.add_argument("--out", default="benchmarks/results/methods_cpu")
+  ap.add_argument("--tabulate", action="store_true",
+                  help="only rebuild the table, plot and JSON from <out>/runs/*/run.json")
   args = ap.parse_args(argv)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -131,7 +136,11 @@ def main(argv=None):
         f" backend {jax.default_backend()}, {os.cpu_count()} CPUs)")
   print(f"# command: python3 benchmarks/methods.py {' '.join(argv or sys.argv[1:])}")
   t0 = time.perf_counter()
-  records = run_all(methods, seeds, overrides, out)
+  if args.tabulate:
+    records = {m: [json.loads((out / "runs" / f"{m}_s{seed}" / "run.json").read_text())
+                   for seed in seeds] for m in methods}
+  else:
+    records = run_all(methods, seeds, overrides, out)
   print()
   md = table(records)
   print(md)
