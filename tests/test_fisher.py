@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+from _windows import make_window, rel_err, window_kappa
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -26,11 +27,6 @@ def fisher_solve_ref(window, g, lam):
   g = np.asarray(g, np.float64).reshape(-1)
   k = g.size
   return np.linalg.solve(lam * np.eye(k) + window.T @ window, g)
-
-
-def rel_err(x, ref):
-  x = np.asarray(x, np.float64).reshape(ref.shape)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
 # ---------------------------------------------------------------------------
@@ -302,29 +298,6 @@ GEN_C = 100.0
 RATIOS = [1e-2, 1.0, 1e3, 1e6, 1e9]   # ||g||^2 / lambda for the current g
 KINDS = ["one", "independent", "collinear", "repeated"]
 LAM = 1e-3
-
-
-def make_window(kind, s, k, rng):
-  """float64 rows (s' x k), the last one the current gradient, ||last|| = 1."""
-  if kind == "one":
-    rows = rng.standard_normal((1, k))
-  elif kind == "independent":
-    rows = rng.standard_normal((s, k)) * rng.uniform(0.5, 2.0, (s, 1))
-  elif kind == "collinear":  # unit rows, pairwise cosine exactly 0.99
-    q, _ = np.linalg.qr(rng.standard_normal((k, s + 1)))
-    rows = np.sqrt(0.99) * q[:, 0] + np.sqrt(0.01) * q[:, 1:].T
-  elif kind == "repeated":
-    rows = np.tile(rng.standard_normal(k), (s, 1))
-  else:
-    raise ValueError(kind)
-  return rows / np.linalg.norm(rows[-1])
-
-
-def window_kappa(rows):
-  """sigma_max / sigma_min over the nonzero singular values (float64)."""
-  sv = np.linalg.svd(np.asarray(rows, np.float64), compute_uv=False)
-  sv = sv[sv > 1e-9 * sv[0]]
-  return sv[0] / sv[-1]
 
 
 def reference_woodbury_f32(h, g, lam):

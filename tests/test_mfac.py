@@ -33,6 +33,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+from _windows import make_window, rel_err, window_kappa
 
 F32_EPS = float(np.finfo(np.float32).eps)
 SOLVER_C = 100.0
@@ -48,34 +49,6 @@ def mfac_ref(rows, x, lam, m):
   rows = np.asarray(rows, np.float64).reshape(-1, np.size(x))
   x = np.asarray(x, np.float64).reshape(-1)
   return np.linalg.solve(lam * np.eye(x.size) + rows.T @ rows / m, x)
-
-
-def rel_err(x, ref):
-  x = np.asarray(x, np.float64).reshape(ref.shape)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
-def make_window(kind, s, k, rng):
-  """float64 rows, the last one the current gradient, ||last|| = 1."""
-  if kind == "one":
-    rows = rng.standard_normal((1, k))
-  elif kind == "independent":
-    rows = rng.standard_normal((s, k)) * rng.uniform(0.5, 2.0, (s, 1))
-  elif kind == "collinear":  # unit rows, pairwise cosine exactly 0.99
-    q, _ = np.linalg.qr(rng.standard_normal((k, s + 1)))
-    rows = np.sqrt(0.99) * q[:, 0] + np.sqrt(0.01) * q[:, 1:].T
-  elif kind == "repeated":
-    rows = np.tile(rng.standard_normal(k), (s, 1))
-  else:
-    raise ValueError(kind)
-  return rows / np.linalg.norm(rows[-1])
-
-
-def window_kappa(rows):
-  """sigma_max / sigma_min over the nonzero singular values (float64)."""
-  sv = np.linalg.svd(np.asarray(rows, np.float64), compute_uv=False)
-  sv = sv[sv > 1e-9 * sv[0]]
-  return sv[0] / sv[-1]
 
 
 def solver_bound(solver, rows):
