@@ -64,7 +64,16 @@ import optax
 import pytest
 
 import lowrank_optax as lro
-from _state import with_sub_state
+import _parity
+from _parity import (  # pylint: disable=g-multiple-import
+    to_ours as _to_ours,
+    to_torch_layout as _to_torch_layout,
+    torch_side as _torch_side,
+    map_sub as _map_sub,
+    leaf_keys as _leaf_keys,
+    align_signs as _align_signs,
+    set_count as _set_count,
+)
 
 GAP = 4
 STEPS = 2 * GAP + 3
@@ -84,6 +93,14 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
 UPDATE_RTOL = 3e-6
 HARNESS_RTOL = 3e-5
 BASIS_ATOL = 1e-4
+
+
+def _make_problem(seed, grad_scale):
+  return _parity.make_problem(TORCH_SHAPES, STEPS, seed, grad_scale)
+
+
+def _schedule():
+  return _parity.schedule(LR, STEPS)
 
 
 def _load_apollo():
@@ -131,44 +148,6 @@ def _load_apollo():
 # ----------------------------------------------------------------------------
 # Data and layout
 # ----------------------------------------------------------------------------
-
-def _random_orthogonal(rng, n, k):
-  q, r = np.linalg.qr(rng.standard_normal((n, k)))
-  return q * np.sign(np.diag(r))
-
-
-def _make_problem(seed, grad_scale):
-  rng = np.random.default_rng(seed)
-  params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32)
-            for k, s in TORCH_SHAPES.items()}
-  grads = []
-  for _ in range(STEPS):
-    g = {}
-    for k, s in TORCH_SHAPES.items():
-      if len(s) == 1:
-        x = rng.standard_normal(s)
-      else:
-        m, n = s
-        p = min(m, n)
-        sv = 2.0 * 0.75 ** np.arange(p) * rng.uniform(0.8, 1.2)
-        x = (_random_orthogonal(rng, m, p) * sv) @ _random_orthogonal(rng, n, p).T
-      g[k] = (grad_scale * x).astype(np.float32)
-    grads.append(g)
-  return params, grads
-
-
-def _to_ours(tree):
-  return {k: jnp.asarray(v.T if v.ndim == 2 else v) for k, v in tree.items()}
-
-
-def _to_torch_layout(x):
-  x = np.asarray(x)
-  return x.T if x.ndim == 2 else x
-
-
-def _torch_side(shape):
-  return "right" if shape[0] >= shape[1] else "left"
-
 
 def _ours_to_torch_proj(shape, p):
   """Our ``(d, r)`` matrix -> torch's ``(r, in)`` (right) / ``(out, r)`` (left)."""
@@ -242,14 +221,6 @@ def _ref_step(w, g, st, lr, wd, cfg, proj=None):
 _sub = lro.subspace_state
 
 
-def _map_sub(state, fn):
-  return with_sub_state(state, fn(lro.subspace_state(state)))
-
-
-def _leaf_keys(tree):
-  return [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _inject_bases(state, keys, bases):
   assert GAP > 1
 
@@ -262,23 +233,6 @@ def _inject_bases(state, keys, bases):
     return ss._replace(projector=tuple(proj), count=jnp.ones_like(ss.count))
 
   return _map_sub(state, fn)
-
-
-def _set_count(state, k):
-  return _map_sub(state,
-                  lambda ss: ss._replace(count=jnp.full_like(ss.count, k)))
-
-
-def _align_signs(ours, ref):
-  s = np.sign(np.sum(ours * ref, axis=0))
-  s[s == 0] = 1
-  return ours * s
-
-
-def _schedule():
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.1 * LR, peak_value=LR, warmup_steps=3, decay_steps=STEPS,
-      end_value=0.1 * LR)
 
 
 def _make_tx(cfg, lr, wd, variant):

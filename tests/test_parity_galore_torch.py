@@ -91,7 +91,18 @@ import optax
 import pytest
 
 import lowrank_optax as lro
-from _state import with_sub_state
+import _parity
+from _parity import (  # pylint: disable=g-multiple-import
+    to_ours as _to_ours,
+    to_torch_layout as _to_torch_layout,
+    torch_side as _torch_side,
+    torch_basis_to_ours as _torch_basis_to_ours,
+    ref_svd_basis as _ref_svd_basis,
+    map_sub as _map_subspace,
+    leaf_keys as _leaf_keys,
+    align_signs as _align_signs,
+    set_count as _set_count,
+)
 
 RANK = 4
 GAP = 4                 # update_proj_gap T
@@ -120,6 +131,14 @@ BASIS_ATOL = 1e-4       # our SVD vs torch's SVD, after sign alignment
 # ----------------------------------------------------------------------------
 # Loading the reference
 # ----------------------------------------------------------------------------
+
+def _make_problem(seed, grad_scale):
+  return _parity.make_problem(TORCH_SHAPES, STEPS, seed, grad_scale)
+
+
+def _schedule():
+  return _parity.schedule(LR, STEPS)
+
 
 def _load_galore_torch():
   """Returns ``(torch, GaLoreAdamW)`` or skips.
@@ -174,49 +193,6 @@ def _load_galore_torch():
 # Data
 # ----------------------------------------------------------------------------
 
-def _random_orthogonal(rng, n, k):
-  q, r = np.linalg.qr(rng.standard_normal((n, k)))
-  return q * np.sign(np.diag(r))
-
-
-def _make_problem(seed, grad_scale):
-  """Initial params and STEPS gradients, all float32, PyTorch layout."""
-  rng = np.random.default_rng(seed)
-  params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32)
-            for k, s in TORCH_SHAPES.items()}
-  grads = []
-  for _ in range(STEPS):
-    g = {}
-    for k, s in TORCH_SHAPES.items():
-      if len(s) == 1:
-        x = rng.standard_normal(s)
-      else:
-        m, n = s
-        p = min(m, n)
-        # Well separated singular values (ratio 0.75), random singular vectors.
-        sv = 2.0 * 0.75 ** np.arange(p) * rng.uniform(0.8, 1.2)
-        x = (_random_orthogonal(rng, m, p) * sv) @ _random_orthogonal(rng, n, p).T
-      g[k] = (grad_scale * x).astype(np.float32)
-    grads.append(g)
-  return params, grads
-
-
-def _to_ours(tree):
-  """PyTorch layout -> Flax layout (transpose matrices)."""
-  return {k: jnp.asarray(v.T if v.ndim == 2 else v) for k, v in tree.items()}
-
-
-def _torch_side(shape):
-  """'right' or 'left', as GaLoreProjector(proj_type='std') decides."""
-  return "right" if shape[0] >= shape[1] else "left"
-
-
-def _torch_basis_to_ours(shape, ortho):
-  """Torch projector -> our ``(d, r)`` orthonormal-column basis."""
-  ortho = np.asarray(ortho, np.float32)
-  return ortho.T if _torch_side(shape) == "right" else ortho
-
-
 # ----------------------------------------------------------------------------
 # Independent float64 reference of one GaLoreAdamW step (PyTorch layout)
 # ----------------------------------------------------------------------------
@@ -256,26 +232,11 @@ def _ref_step(w, g, st, lr, wd, basis=None):
   return w
 
 
-def _ref_svd_basis(g, rank):
-  """What GaLoreProjector.get_orthogonal_matrix returns, in float64."""
-  u, _, vh = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
-  return vh[:rank, :] if _torch_side(g.shape) == "right" else u[:, :rank]
-
-
 # ----------------------------------------------------------------------------
 # Our side: state surgery for the projector injection
 # ----------------------------------------------------------------------------
 
 _find_subspace = lro.subspace_state
-
-
-def _map_subspace(state, fn):
-  return with_sub_state(state, fn(lro.subspace_state(state)))
-
-
-def _leaf_keys(tree):
-  """Dict keys in jax.tree flatten order (one leaf per key here)."""
-  return [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _bases(state, keys):
@@ -307,27 +268,9 @@ def _inject(state, keys, bases):
   return _map_subspace(state, fn)
 
 
-def _set_count(state, k):
-  return _map_subspace(
-      state, lambda ss: ss._replace(count=jnp.full_like(ss.count, k)))
-
-
-def _align_signs(ours, ref):
-  """Flips columns of ``ours`` to match ``ref`` (both (d, r))."""
-  s = np.sign(np.sum(ours * ref, axis=0))
-  s[s == 0] = 1
-  return ours * s
-
-
 # ----------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------
-
-def _schedule():
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.1 * LR, peak_value=LR, warmup_steps=3, decay_steps=STEPS,
-      end_value=0.1 * LR)
-
 
 def _make_tx(variant, lr, wd):
   if variant == "lro.galore":
@@ -345,11 +288,6 @@ def _make_tx(variant, lr, wd):
   return lro.chain(lro.galore_project(RANK, update_proj_gap=GAP, scale=ALPHA,
                                        projector="svd"),
                    inner, lro.back_project(), *post)
-
-
-def _to_torch_layout(x):
-  x = np.asarray(x)
-  return x.T if x.ndim == 2 else x
 
 
 def _run_parity(*, schedule, wd, grad_scale, seed, variant="lro.galore",
