@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+import _mlp
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
 GAMMA = 1.01
@@ -351,40 +352,6 @@ def test_inject_hyperparams():
   assert "learning_rate" in st.hyperparams
 
 
-def mlp_problem(seed=0, d_in=24, hidden=32, d_out=16, n=128):
-  key = jax.random.key(seed)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (n, d_in))
-  w1 = jax.random.normal(k2, (d_in, hidden)) / math.sqrt(d_in)
-  w2 = jax.random.normal(k3, (hidden, d_out)) / math.sqrt(hidden)
-  y = jnp.tanh(x @ w1) @ w2
-  params = {"mlp_in": 0.1 * jax.random.normal(k4, (d_in, hidden)),
-            "mlp_out": jnp.zeros((hidden, d_out)),
-            "bias": jnp.zeros((d_out,))}
-
-  def loss(p):
-    return jnp.mean((jnp.tanh(x @ p["mlp_in"]) @ p["mlp_out"] + p["bias"]
-                     - y) ** 2)
-
-  return params, loss
-
-
-def train(tx, steps=150):
-  params, loss = mlp_problem()
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    l, g = jax.value_and_grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, l
-
-  l0 = float(loss(params))
-  for _ in range(steps):
-    params, state, _ = step(params, state)
-  return l0, float(loss(params))
-
-
 TRAINERS = {
     "apollo": lambda: lro.apollo(1e-2, 4, update_proj_gap=20,
                                  weight_decay=1e-3),
@@ -402,5 +369,5 @@ TRAINERS = {
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_trains_a_small_mlp(name):
-  l0, l1 = train(TRAINERS[name]())
+  l0, l1 = _mlp.train(TRAINERS[name](), _mlp.mlp_problem(), 150)
   assert l1 < 0.2 * l0, (l0, l1)

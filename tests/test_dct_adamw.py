@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+import _mlp
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -218,28 +219,6 @@ def test_parameter_selection_and_sides():
 
 
 def test_trains_a_small_mlp():
-  key = jax.random.key(0)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (128, 16))
-  y = jnp.tanh(x @ jax.random.normal(k2, (16, 24))) @ jax.random.normal(
-      k3, (24, 8)) / 5
-  params = {"mlp_in": 0.1 * jax.random.normal(k4, (16, 32)),
-            "mlp_out": jnp.zeros((32, 8)), "bias": jnp.zeros((8,))}
-
-  def loss(p):
-    return jnp.mean((jnp.tanh(x @ p["mlp_in"]) @ p["mlp_out"] + p["bias"]
-                     - y) ** 2)
-
   tx = lro.dct_adamw(2e-2, 4, rotate_subspace=True, weight_decay=1e-3)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    g = jax.grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  l0 = float(loss(params))
-  for _ in range(80):
-    params, state = step(params, state)
-  assert float(loss(params)) < 0.3 * l0
+  l0, l1 = _mlp.train(tx, _mlp.mlp_problem_16_24_8(), 80)
+  assert l1 < 0.3 * l0

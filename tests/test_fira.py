@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+import _mlp
 from lowrank_optax import residual as residual_lib
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
@@ -395,41 +396,6 @@ def test_two_sided_and_rank_zero_are_rejected_at_init():
     tx.init(params)
 
 
-def mlp_problem(seed=0, d_in=24, hidden=32, d_out=16, n=128):
-  key = jax.random.key(seed)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (n, d_in))
-  teacher = {"mlp_in": jax.random.normal(k2, (d_in, hidden)) / math.sqrt(d_in),
-             "mlp_out": jax.random.normal(k3, (hidden, d_out)) / math.sqrt(
-                 hidden)}
-  y = jnp.tanh(x @ teacher["mlp_in"]) @ teacher["mlp_out"]
-  params = {"mlp_in": 0.1 * jax.random.normal(k4, (d_in, hidden)),
-            "mlp_out": jnp.zeros((hidden, d_out)),
-            "bias": jnp.zeros((d_out,))}
-
-  def loss(p):
-    return jnp.mean((jnp.tanh(x @ p["mlp_in"]) @ p["mlp_out"] + p["bias"]
-                     - y) ** 2)
-
-  return params, loss
-
-
-def train(tx, steps=150, seed=0):
-  params, loss = mlp_problem(seed)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    l, g = jax.value_and_grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, l
-
-  l0 = float(loss(params))
-  for _ in range(steps):
-    params, state, _ = step(params, state)
-  return l0, float(loss(params))
-
-
 @pytest.mark.parametrize("name", ["fira", "dct_fira"])
 def test_trains_a_small_mlp(name):
   if name == "fira":
@@ -441,5 +407,5 @@ def test_trains_a_small_mlp(name):
                    lro.fira_residual(),
                    lro.scale_by_hf_bias_correction(),
                    optax.scale_by_learning_rate(1e-2))
-  l0, l1 = train(tx)
+  l0, l1 = _mlp.train(tx, _mlp.mlp_problem(), 150)
   assert l1 < 0.2 * l0, (l0, l1)

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import lowrank_optax as lro
+import _mlp
 from _state import with_sub_state
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
@@ -358,32 +359,9 @@ def test_one_sided_window_exceeds_adam_at_llama_1b_shapes():
 
 
 def test_trains_a_small_mlp():
-  key = jax.random.key(0)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (128, 24))
-  teacher = (jax.random.normal(k2, (24, 32)) / 5, jax.random.normal(
-      k3, (32, 16)) / 6)
-  y = jnp.tanh(x @ teacher[0]) @ teacher[1]
-  params = {"mlp_in": 0.1 * jax.random.normal(k4, (24, 32)),
-            "mlp_out": jnp.zeros((32, 16)), "bias": jnp.zeros(16)}
-
-  def loss(p):
-    return jnp.mean((jnp.tanh(x @ p["mlp_in"]) @ p["mlp_out"] + p["bias"]
-                     - y) ** 2)
-
   tx = lro.natural_galore(3e-2, rank=8, update_proj_gap=20, history=8)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    g = jax.grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  l0 = float(loss(params))
-  for _ in range(150):
-    params, state = step(params, state)
-  assert float(loss(params)) < 0.3 * l0
+  l0, l1 = _mlp.train(tx, _mlp.mlp_problem_24_32_16(), 150)
+  assert l1 < 0.3 * l0
 
 
 def test_defaults_are_the_reference_scripts():

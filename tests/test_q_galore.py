@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lowrank_optax as lro
+import _mlp
 from lowrank_optax.projectors.base import BasisState
 
 
@@ -342,26 +343,11 @@ def test_memory_report_matches_algorithms_12_row():
 # ---------------------------------------------------------------------------
 
 
-def mlp_problem():
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-  x = jax.random.normal(k1, (128, 24))
-  y = jnp.tanh(x @ (jax.random.normal(k2, (24, 32)) / 5)) @ (
-      jax.random.normal(k3, (32, 16)) / 6)
-  params = {"mlp_in": 0.1 * jax.random.normal(k4, (24, 32)),
-            "mlp_out": jnp.zeros((32, 16)), "bias": jnp.zeros(16)}
-
-  def loss(p):
-    return jnp.mean((jnp.tanh(x @ p["mlp_in"]) @ p["mlp_out"] + p["bias"]
-                     - y) ** 2)
-
-  return params, loss
-
-
 def test_trains_a_small_mlp_with_float_and_int8_weights():
   """Float weights: a lower loss. Int8 kernels (the docstring's pattern):
   one update lands within one quantisation step of ``w + u`` and training
   on the int8 weights lowers the loss too."""
-  params, loss = mlp_problem()
+  params, loss = _mlp.mlp_problem_24_32_16()
   tx = lro.q_galore(1e-2, rank=4, update_proj_gap=20, min_8bit_size=0)
   update = jax.jit(tx.update)
   grad = jax.jit(jax.value_and_grad(loss))
