@@ -63,7 +63,6 @@ from lowrank_optax import policy as policy_lib
 from lowrank_optax import residual as residual_lib
 from lowrank_optax import sharding as shd
 from lowrank_optax import subspace as subspace_lib
-from lowrank_optax import transforms
 from lowrank_optax.recipes import _maybe_weight_decay
 from lowrank_optax.recipes import skip_nonfinite_steps
 
@@ -325,10 +324,9 @@ def apollo(
           subspace_init_iters=subspace_init_iters, on_refresh=on_refresh,
           dct_score=dct_score, state_dtype=state_dtype,
           basis_dtype=basis_dtype),
-      transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, correct_bias=False,
-                                  mu_dtype=state_dtype, nu_dtype=state_dtype),
-      apollo_scaling(scale_type, scale, scale_front, norm_growth_limit),
-      fira_lib.scale_by_hf_bias_correction(b1, b2),
+      *fira_lib._hf_adam_around(  # pylint: disable=protected-access
+          apollo_scaling(scale_type, scale, scale_front, norm_growth_limit),
+          b1, b2, eps, state_dtype),
       optax.scale_by_learning_rate(learning_rate),
       *_maybe_weight_decay(learning_rate, weight_decay, weight_decay_mask),
   ), skip_nonfinite)

@@ -323,6 +323,20 @@ def scale_by_hf_bias_correction(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _hf_adam_around(closer, b1: float, b2: float, eps: float, state_dtype):
+  """HF Adam in the subspace, ``closer``, then the Adam bias correction.
+
+  The chain elements Fira and APOLLO share: the references compute their
+  ratios and limiter from the uncorrected HF Adam direction and apply the
+  bias correction afterwards (:func:`scale_by_hf_bias_correction`).
+  """
+  return (transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps,
+                                      correct_bias=False, mu_dtype=state_dtype,
+                                      nu_dtype=state_dtype),
+          closer,
+          scale_by_hf_bias_correction(b1, b2))
+
+
 def fira(
     learning_rate: optax.ScalarOrSchedule,
     rank: Any = 128,
@@ -438,10 +452,8 @@ def fira(
           subspace_init_iters=subspace_init_iters, on_refresh=on_refresh,
           dct_score=dct_score, state_dtype=state_dtype,
           basis_dtype=basis_dtype),
-      transforms.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, correct_bias=False,
-                                  mu_dtype=state_dtype, nu_dtype=state_dtype),
-      fira_residual(norm_growth_limit, residual_uses_scale),
-      scale_by_hf_bias_correction(b1, b2),
+      *_hf_adam_around(fira_residual(norm_growth_limit, residual_uses_scale),
+                       b1, b2, eps, state_dtype),
       optax.scale_by_learning_rate(learning_rate),
       *_maybe_weight_decay(learning_rate, weight_decay, weight_decay_mask),
   ), skip_nonfinite)
